@@ -1,0 +1,100 @@
+"""Client keys: where a client presents one, and whether it is one of ours.
+
+A key may come in ``x-api-key``, ``api-key`` or ``Authorization: Bearer``. Comparison hashes the
+presented key and compares digests with :func:`hmac.compare_digest` against every configured key,
+so the time taken does not depend on how much of a key matches, nor on its length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .config import ClientKey
+from .errors import Unauthorized
+from .headers import CREDENTIAL_HEADERS, Headers
+
+PASSTHROUGH = "passthrough"
+OPEN = "open"
+REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """The credentials a request carries: the lower-cased header names and the keys in them."""
+
+    headers: frozenset[bytes]
+    keys: tuple[bytes, ...]
+    malformed: bool  # an Authorization header that is not ``Bearer <key>``
+
+
+def presented(headers: Headers) -> Presented:
+    names: set[bytes] = set()
+    keys: list[bytes] = []
+    malformed = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in CREDENTIAL_HEADERS:
+            continue
+        names.add(lname)
+        if lname == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() != b"bearer" or not token.strip():
+                malformed = True
+                continue
+            keys.append(token.strip())
+        else:
+            keys.append(value)
+    return Presented(frozenset(names), tuple(keys), malformed)
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+class KeyRing:
+    """The configured client keys, kept only as digests."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, keys: Sequence[ClientKey]) -> None:
+        self._entries = tuple((_digest(k.key.encode()), k.name) for k in keys)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def __repr__(self) -> str:
+        return f"KeyRing(names={[name for _, name in self._entries]!r})"
+
+    def match(self, key: bytes) -> str | None:
+        """The name of the key, or None; every configured key is compared, match or not."""
+        digest = _digest(key)
+        found = None
+        for expected, name in self._entries:
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = name
+        return found
+
+
+def authenticate(creds: Presented, ring: KeyRing, passthrough: bool) -> str | None:
+    """The client key's name, or None for a request relayed untouched (passthrough).
+
+    No keys configured: every request is accepted under the name ``open`` and gets the upstream
+    credential. No key presented: passthrough, unless turned off. Any presented key that is not
+    ours: :class:`Unauthorized`.
+    """
+    if not ring:
+        return OPEN
+    if not creds.headers:
+        if passthrough:
+            return None
+        raise Unauthorized(
+            "No API key presented. Send your proxy key in x-api-key or Authorization."
+        )
+    for key in creds.keys:
+        name = ring.match(key)
+        if name is not None:
+            return name
+    raise Unauthorized("Invalid API key for this proxy.")

@@ -1,0 +1,475 @@
+"""Configuration: discovery, ``${VAR}`` expansion, layering and validation.
+
+One call, :func:`load_config`, turns a TOML file, ``CLAUDE_PROXY__*`` environment variables and CLI
+overrides (in rising precedence) into frozen dataclasses, or raises :class:`ConfigError` naming the
+dotted key and the fix. Nothing here logs, binds or fetches credentials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+CONFIG_FILE_ENV = "CLAUDE_PROXY_CONFIG_FILE"
+ENV_PREFIX = "CLAUDE_PROXY__"
+DEFAULT_SCOPE = "https://ai.azure.com/.default"
+
+AuthType = Literal[
+    "api_key",
+    "azure_ad",
+    "azure_cli",
+    "azure_managed_identity",
+    "azure_workload_identity",
+    "azure_certificate",
+    "azure_default",
+]
+Rotation = Literal["hourly", "daily", "never"]
+Level = Literal["trace", "debug", "info", "warn", "warning", "error"]
+TlsMode = Literal["off", "manual"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A named client key; the name goes to logs and metrics, the key never does."""
+
+    name: str
+    key: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamAuthConfig:
+    type: AuthType
+    api_key: str | None = field(default=None, repr=False)
+    tenant_id: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    scope: str = DEFAULT_SCOPE
+    authority_host: str | None = None
+    certificate_path: str | None = None
+    certificate_password: str | None = field(default=None, repr=False)
+    # How long one token acquisition may take before it counts as failed.
+    token_timeout: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    log_path: str | None = None
+    rotation: Rotation = "daily"
+    level: Level = "info"
+    log_prefix: str = "claude-proxy"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    bind_address: str = "127.0.0.1"
+    port: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    mode: TlsMode = "off"
+    cert_path: str | None = None
+    key_path: str | None = None
+    https_port: int = 8443
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstream_url: str
+    upstream_auth: UpstreamAuthConfig
+    bind_address: str = "127.0.0.1"
+    port: int = 8080
+    client_api_key: str | None = field(default=None, repr=False)
+    client_api_keys: tuple[ClientKey, ...] = ()
+    passthrough_unauthenticated: bool = True
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    header_timeout: float = 30.0
+    keepalive_timeout: float = 75.0
+    pool_idle_timeout: float = 60.0
+    shutdown_timeout: float = 30.0
+    max_header_bytes: int = 65536
+    max_headers: int = 128
+    workers: int = 1
+    logging: LoggingConfig = LoggingConfig()
+    admin: AdminConfig = AdminConfig()
+    tls: TlsConfig = TlsConfig()
+
+    def client_keys(self) -> tuple[ClientKey, ...]:
+        """Every accepted client key: ``client_api_key`` (named ``default``) plus the named ones."""
+        single = (ClientKey("default", self.client_api_key),) if self.client_api_key else ()
+        return single + self.client_api_keys
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """A validated config and where it came from."""
+
+    config: Config
+    path: Path | None
+    searched: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def candidate_paths(home: Path | None = None) -> list[Path]:
+    """The default places searched, in order, after ``--config`` and the environment variable."""
+    home = home or Path.home()
+    return [
+        Path("config.toml"),
+        home / ".config" / "claude-proxy" / "config.toml",
+        home / ".claude-proxy.toml",
+    ]
+
+
+def discover(explicit: str | None, env: Mapping[str, str]) -> tuple[Path | None, tuple[str, ...]]:
+    """Find the config file as the original does; a named file that does not exist is an error."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"--config: file {explicit} does not exist")
+        return path, (f"--config {explicit}",)
+    named = env.get(CONFIG_FILE_ENV)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"{CONFIG_FILE_ENV}: file {named} does not exist")
+        return path, (f"{CONFIG_FILE_ENV}={named}",)
+    searched = ["--config (not given)", f"{CONFIG_FILE_ENV} (not set)"]
+    for path in candidate_paths():
+        searched.append(str(path))
+        if path.is_file():
+            return path, tuple(searched)
+    return None, tuple(searched)
+
+
+# --------------------------------------------------------------------------- expansion
+
+_VAR = re.compile(r"\$(?:(\$)|\{([^}]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def expand(value: str, env: Mapping[str, str], key: str) -> str:
+    """Expand ``${VAR}`` and ``$VAR``; ``$$`` is a literal ``$``; an unset variable is an error."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "$"
+        name = match.group(2) if match.group(2) is not None else match.group(3)
+        if not _NAME.match(name):
+            raise ConfigError(
+                f"{key}: '${{{name}}}' is not a valid variable name; write $$ for '$'"
+            )
+        if name not in env:
+            raise ConfigError(
+                f"{key}: environment variable {name} is not set; set it, "
+                f"or write $$ for a literal '$'"
+            )
+        return env[name]
+
+    return _VAR.sub(substitute, value)
+
+
+def _expand_tree(node: Any, env: Mapping[str, str], key: str) -> Any:
+    if isinstance(node, str):
+        return expand(node, env, key)
+    if isinstance(node, dict):
+        return {k: _expand_tree(v, env, f"{key}.{k}" if key else k) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_tree(v, env, f"{key}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+# --------------------------------------------------------------------------- layering
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{part}: expected a table")
+    tree[leaf] = value
+
+
+def _field_type(dotted: str) -> Any:
+    """The declared type of a dotted key, or None when no such key exists."""
+    cls: Any = Config
+    for part in dotted.split("."):
+        hints = _hints(cls)
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _coerce_text(text: str, tp: Any, name: str) -> Any:
+    """Turn an environment or CLI string into the value type that ``tp`` expects."""
+    base = _strip_optional(tp)
+    if base is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected true or false; got {text!r}")
+    if base is int or base is float:
+        try:
+            return base(text)
+        except ValueError:
+            raise ConfigError(f"{name}: expected a number; got {text!r}") from None
+    if typing.get_origin(base) is tuple:
+        try:
+            return tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{name}: expected a TOML array ({exc})") from None
+    return text
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """``CLAUDE_PROXY__UPSTREAM_AUTH__TYPE=azure_cli`` and friends, as a nested dict."""
+    tree: dict[str, Any] = {}
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        tp = _field_type(dotted)
+        if tp is None or dataclasses.is_dataclass(tp):
+            raise ConfigError(
+                f"{name}: no setting {dotted!r}; see config.example.toml for the keys"
+            )
+        _set_dotted(tree, dotted, _coerce_text(text, tp, name))
+    return tree
+
+
+def _merge(low: dict[str, Any], high: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(low)
+    for key, value in high.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+_HINTS: dict[Any, dict[str, Any]] = {}
+
+
+def _hints(cls: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(cls):
+        return {}
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def _strip_optional(tp: Any) -> Any:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _describe(value: Any) -> str:
+    return type(value).__name__ if not isinstance(value, str) else repr(value)
+
+
+def _convert(value: Any, tp: Any, key: str, secret: bool) -> Any:
+    base = _strip_optional(tp)
+    shown = "a value" if secret else _describe(value)
+    if typing.get_origin(base) is Literal:
+        choices = typing.get_args(base)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {shown}")
+        return value
+    if dataclasses.is_dataclass(base):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a table; got {_describe(value)}")
+        return _build(base, value, key)  # type: ignore[arg-type]
+    if typing.get_origin(base) is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected an array; got {_describe(value)}")
+        (item,) = typing.get_args(base)[:1]
+        return tuple(_convert(v, item, f"{key}[{i}]", secret) for i, v in enumerate(value))
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if base is int and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer; got bool")
+    if not isinstance(value, base):
+        raise ConfigError(f"{key}: expected {base.__name__}; got {shown}")
+    return value
+
+
+def _build(cls: type[Any], raw: Mapping[str, Any], prefix: str) -> Any:
+    hints = _hints(cls)
+    for key in raw:
+        if key not in hints:
+            where = f"{prefix}.{key}" if prefix else key
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"{where}: unknown key; expected one of {known}")
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        if f.name not in raw:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: required but not set")
+            continue
+        kwargs[f.name] = _convert(raw[f.name], hints[f.name], key, secret=not f.repr)
+    return cls(**kwargs)
+
+
+_AUTH_NEEDS: dict[str, tuple[str, ...]] = {
+    "api_key": ("api_key",),
+    "azure_ad": ("tenant_id", "client_id", "client_secret"),
+    "azure_certificate": ("tenant_id", "client_id", "certificate_path"),
+}
+
+
+def _check(config: Config) -> None:
+    url = urlsplit(config.upstream_url)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"upstream_url: expected http(s)://host[:port][/prefix]; got {config.upstream_url!r}"
+        )
+    if url.query or url.fragment:
+        raise ConfigError("upstream_url: must not carry a query or fragment")
+    try:
+        url.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"upstream_url: bad port in {config.upstream_url!r}") from None
+    for key in ("port",):
+        if not 0 <= getattr(config, key) <= 65535:
+            raise ConfigError(f"{key}: expected 0..65535")
+    for key in (
+        "connect_timeout",
+        "idle_timeout",
+        "header_timeout",
+        "keepalive_timeout",
+        "pool_idle_timeout",
+        "shutdown_timeout",
+    ):
+        if getattr(config, key) <= 0:
+            raise ConfigError(f"{key}: must be greater than 0")
+    if config.workers < 1:
+        raise ConfigError("workers: must be at least 1")
+    if config.upstream_auth.token_timeout <= 0:
+        raise ConfigError("upstream_auth.token_timeout: must be greater than 0")
+    for needed in _AUTH_NEEDS.get(config.upstream_auth.type, ()):
+        if not getattr(config.upstream_auth, needed):
+            raise ConfigError(
+                f"upstream_auth.{needed}: required when upstream_auth.type = "
+                f"{config.upstream_auth.type!r}"
+            )
+    _check_keys(config)
+    _check_listeners(config)
+
+
+def _check_keys(config: Config) -> None:
+    if config.client_api_key == "":
+        raise ConfigError("client_api_key: empty; remove the key to disable client keys")
+    names: set[str] = set()
+    for i, ck in enumerate(config.client_keys()):
+        if not ck.key:
+            raise ConfigError(f"client_api_keys[{i}].key: empty")
+        if ck.name in names:
+            raise ConfigError(f"client_api_keys[{i}].name: duplicate name {ck.name!r}")
+        names.add(ck.name)
+    keys = [ck.key for ck in config.client_keys()]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("client_api_keys: the same key appears twice; give each key one name")
+
+
+def _check_listeners(config: Config) -> None:
+    for key, host in (
+        ("bind_address", config.bind_address),
+        ("admin.bind_address", config.admin.bind_address),
+    ):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host != "localhost":
+                raise ConfigError(f"{key}: expected an IP address; got {host!r}") from None
+    if config.tls.mode == "manual" and not (config.tls.cert_path and config.tls.key_path):
+        raise ConfigError("tls.cert_path and tls.key_path: required when tls.mode = 'manual'")
+    if config.admin.port is not None and not 0 <= config.admin.port <= 65535:
+        raise ConfigError("admin.port: expected 0..65535")
+
+
+def parse(raw: Mapping[str, Any]) -> Config:
+    """Validate an already merged mapping into a :class:`Config`."""
+    config: Config = _build(Config, raw, "")
+    _check(config)
+    return config
+
+
+def read_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
+    """Read and ``${VAR}``-expand one TOML file."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    expanded: dict[str, Any] = _expand_tree(data, env, "")
+    return expanded
+
+
+def load_config(
+    explicit: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Loaded:
+    """Discover, read, layer (CLI > environment > file > defaults) and validate the config.
+
+    ``overrides`` maps dotted keys (``"upstream_auth.type"``) to values already typed.
+    """
+    env = os.environ if env is None else env
+    path, searched = discover(explicit, env)
+    raw = read_file(path, env) if path else {}
+    raw = _merge(raw, env_overrides(env))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    if "upstream_url" not in raw and path is None:
+        raise ConfigError(
+            "no config file found and upstream_url is not set; searched: "
+            + "; ".join(searched)
+            + ". Copy config.example.toml to config.toml, or pass --config"
+        )
+    return Loaded(parse(raw), path, searched)
+
+
+def walk_secrets(config: Config) -> Iterator[str]:
+    """Every secret value in ``config`` (fields declared with ``repr=False``); for redaction."""
+    stack: list[Any] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, tuple):
+            stack.extend(node)
+            continue
+        if not dataclasses.is_dataclass(node):
+            continue
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if not f.repr and isinstance(value, str) and value:
+                yield value
+            elif dataclasses.is_dataclass(value) or isinstance(value, tuple):
+                stack.append(value)

@@ -1,0 +1,387 @@
+"""Upstream credentials: a static API key, or Entra ID tokens kept fresh off the request path.
+
+:class:`TokenAuth` puts one cache in front of an ``azure.identity.aio`` credential:
+
+* one acquisition in flight at a time, however many requests want a token (azure-identity has
+  no single-flight, and ``AzureCliCredential`` caches nothing);
+* the first token is fetched at start-up and refreshed in the background before it expires, so
+  after start-up no request waits;
+* during an outage the still-valid token keeps being served while refreshes back off; state
+  changes are logged once, not per request;
+* no valid token: :class:`~claude_proxy.errors.CredentialUnavailable` (503) with safe text;
+* an upstream 401 on a token marks it suspect: the credential object is rebuilt (its internal
+  cache would hand back the same token) and the next request waits for a fresh one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .config import UpstreamAuthConfig
+from .errors import CredentialUnavailable
+from .headers import UpstreamCredential
+
+if TYPE_CHECKING:
+    from azure.core.credentials_async import AsyncTokenCredential
+
+logger = logging.getLogger(__name__)
+
+# A token this close to expiry is no longer handed out.
+EXPIRY_MARGIN = 10.0
+# Refresh this long before expiry (or half the lifetime, for short-lived tokens). Below 300 s,
+# azure-identity's own cache agrees that a refresh is due and really fetches a new token.
+REFRESH_BEFORE = 240.0
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+
+
+class UpstreamAuth:
+    """How the proxy authenticates to the upstream; ``credential_now`` is on the hot path."""
+
+    description = "none"
+
+    def credential_now(self) -> UpstreamCredential | None:
+        """The credential to send, or None when one is being fetched (then ``credential_wait``).
+
+        Raises CredentialUnavailable when none can be had.
+        """
+        raise NotImplementedError
+
+    async def credential_wait(self) -> UpstreamCredential:
+        raise NotImplementedError
+
+    def rejected(self, credential: UpstreamCredential) -> None:
+        """The upstream answered 401 to a request carrying ``credential``."""
+
+    def ready(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        """Called inside the running loop before the listener opens."""
+
+    async def close(self) -> None:
+        """Release what ``start`` made."""
+
+    def status(self) -> dict[str, Any]:
+        return {"type": self.description}
+
+
+class ApiKeyAuth(UpstreamAuth):
+    description = "api_key"
+
+    def __init__(self, api_key: str) -> None:
+        self._credential = UpstreamCredential("api_key", api_key.encode("latin-1"))
+
+    def __repr__(self) -> str:
+        return "ApiKeyAuth(<redacted>)"
+
+    def credential_now(self) -> UpstreamCredential:
+        return self._credential
+
+    async def credential_wait(self) -> UpstreamCredential:
+        return self._credential
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: str
+    expires_on: float
+    acquired_at: float
+
+    def __repr__(self) -> str:
+        return f"Token(<redacted>, expires_on={self.expires_on:.0f})"
+
+
+class TokenAuth(UpstreamAuth):
+    """Entra ID bearer tokens from an azure-identity asyncio credential, cached and refreshed."""
+
+    def __init__(
+        self,
+        kind: str,
+        factory: Callable[[], AsyncTokenCredential],
+        scope: str,
+        *,
+        timeout: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.description = kind
+        self._factory = factory
+        self.scope = scope
+        self.timeout = timeout
+        self._clock = clock
+        self._cred: AsyncTokenCredential | None = None
+        self._token: Token | None = None
+        self._header: UpstreamCredential | None = None
+        self._suspect = False
+        self._replace_credential = False
+        self._inflight: asyncio.Task[Token] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._last_error: str | None = None
+        self._state = "starting"
+        self.acquisitions = 0
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        return f"TokenAuth({self.description!r}, scope={self.scope!r})"
+
+    # ---------------------------------------------------------------- hot path
+
+    def credential_now(self) -> UpstreamCredential | None:
+        if self._header is not None and not self._suspect and self._usable(self._token):
+            return self._header
+        if self._inflight is None or self._inflight.done():
+            if self._last_error is not None and not self._suspect:
+                raise CredentialUnavailable(self._unavailable_message())
+            self._kick()
+        return None
+
+    async def credential_wait(self) -> UpstreamCredential:
+        header = self.credential_now()
+        if header is not None:
+            return header
+        assert self._inflight is not None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._inflight)
+        if self._header is not None and self._usable(self._token):
+            return self._header
+        raise CredentialUnavailable(self._unavailable_message())
+
+    def rejected(self, credential: UpstreamCredential) -> None:
+        if (
+            self._header is not None
+            and credential.value == self._header.value
+            and not self._suspect
+        ):
+            logger.warning("upstream rejected the Entra ID token (401); fetching a new one")
+            self._suspect = True
+            self._replace_credential = True
+            self._kick()
+
+    def ready(self) -> bool:
+        return self._usable(self._token)
+
+    # ---------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        self._cred = self._factory()
+        self._kick()
+        assert self._inflight is not None
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._inflight)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        for task in (self._refresher, self._inflight):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._cred is not None:
+            with contextlib.suppress(Exception):
+                await self._cred.close()
+            self._cred = None
+
+    def status(self) -> dict[str, Any]:
+        token = self._token
+        out: dict[str, Any] = {"type": self.description, "scope": self.scope, "state": self._state}
+        if token is not None:
+            out["expires_on"] = token.expires_on
+            out["expires_in"] = round(token.expires_on - self._clock())
+            out["audience"] = token_audience(token.value)
+        if self._last_error:
+            out["error"] = self._last_error
+        return out
+
+    @property
+    def token_expires_on(self) -> float | None:
+        return self._token.expires_on if self._token else None
+
+    # ---------------------------------------------------------------- acquisition
+
+    def _usable(self, token: Token | None) -> bool:
+        return token is not None and token.expires_on - self._clock() > EXPIRY_MARGIN
+
+    def _kick(self) -> asyncio.Task[Token]:
+        """Start an acquisition unless one is in flight: the single flight."""
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.get_running_loop().create_task(self._acquire())
+            self._inflight.add_done_callback(_consume)
+        return self._inflight
+
+    async def _acquire(self) -> Token:
+        if self._replace_credential:
+            self._replace_credential = False
+            old, self._cred = self._cred, self._factory()
+            if old is not None:
+                with contextlib.suppress(Exception):
+                    await old.close()
+        assert self._cred is not None
+        self.acquisitions += 1
+        try:
+            async with asyncio.timeout(self.timeout):
+                access = await self._cred.get_token(self.scope)
+        except TimeoutError:
+            self._failed(f"no answer from the token source within {self.timeout:g} s")
+            raise
+        except Exception as exc:
+            self._failed(describe_credential_error(exc))
+            raise
+        token = Token(access.token, float(access.expires_on), self._clock())
+        fresh = self._token is None or token.value != self._token.value
+        if fresh:
+            self._token = token
+            self._header = UpstreamCredential("bearer", token.value.encode("latin-1"))
+            self._suspect = False
+        self._last_error = None
+        self._set_state("ok", f"token acquired, valid for {token.expires_on - self._clock():.0f} s")
+        self._wake.set()
+        return token
+
+    def _failed(self, reason: str) -> None:
+        self.failures += 1
+        self._last_error = reason
+        if self._usable(self._token) and not self._suspect:
+            self._set_state(
+                "degraded", f"token refresh failed ({reason}); serving the current token"
+            )
+        else:
+            self._set_state("unavailable", f"no valid upstream token: {reason}")
+        self._wake.set()
+
+    def _set_state(self, state: str, message: str) -> None:
+        if state == self._state:
+            return
+        previous, self._state = self._state, state
+        level = logging.INFO if state == "ok" else logging.WARNING
+        if state == "unavailable":
+            level = logging.ERROR
+        logger.log(level, "upstream credential %s -> %s: %s", previous, state, message)
+
+    def _unavailable_message(self) -> str:
+        reason = self._last_error or "no token yet"
+        return f"The proxy's upstream credential ({self.description}) is unavailable: {reason}."
+
+    def _next_refresh_delay(self, backoff: float) -> float:
+        token = self._token
+        now = self._clock()
+        if self._last_error is not None or token is None:
+            return backoff
+        lifetime = max(token.expires_on - token.acquired_at, 1.0)
+        due = token.expires_on - min(REFRESH_BEFORE, lifetime / 2)
+        return max(due - now, 0.5)
+
+    async def _refresh_loop(self) -> None:
+        backoff = BACKOFF_FIRST
+        while True:
+            delay = self._next_refresh_delay(backoff)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+                continue  # something changed (acquired, failed, suspect): recompute
+            before = self._token
+            try:
+                await asyncio.shield(self._kick())
+            except Exception:
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            if self._token is before:
+                # The credential handed back the cached token: ask again in a while.
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                self._last_error = None
+                await asyncio.sleep(min(backoff, 30.0))
+            else:
+                backoff = BACKOFF_FIRST
+
+
+def _consume(task: asyncio.Task[Token]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: the outcome is kept in TokenAuth's state
+
+
+def token_audience(token: str) -> str | None:
+    """The ``aud`` claim of a JWT, for display; None when the token is not a JWT."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        aud = json.loads(payload).get("aud")
+    except (binascii.Error, ValueError, AttributeError):
+        return None
+    return str(aud) if aud is not None else None
+
+
+def describe_credential_error(exc: BaseException) -> str:
+    """A safe, short reason for an azure-identity failure: no secrets, no stack trace."""
+    text = " ".join(str(exc).split())
+    lowered = text.lower()
+    if "az login" in lowered:
+        return "Azure CLI is not logged in: run 'az login'"
+    if "azure cli not found" in lowered or "az: not found" in lowered:
+        return "Azure CLI ('az') is not installed or not on PATH"
+    name = type(exc).__name__
+    first = text.split(". ")[0][:200] if text else name
+    return f"{name}: {first}"
+
+
+def make_auth(config: UpstreamAuthConfig) -> UpstreamAuth:
+    """The :class:`UpstreamAuth` for a config; credentials are only built inside the loop."""
+    if config.type == "api_key":
+        assert config.api_key is not None
+        return ApiKeyAuth(config.api_key)
+    factory = _factory(config)
+    return TokenAuth(config.type, factory, config.scope, timeout=config.token_timeout)
+
+
+def _factory(c: UpstreamAuthConfig) -> Callable[[], AsyncTokenCredential]:
+    from azure.identity import aio
+
+    authority: dict[str, Any] = {"authority": c.authority_host} if c.authority_host else {}
+    kind = c.type
+
+    def build() -> AsyncTokenCredential:
+        if kind == "azure_ad":
+            return aio.ClientSecretCredential(
+                c.tenant_id or "", c.client_id or "", c.client_secret or "", **authority
+            )
+        if kind == "azure_cli":
+            return aio.AzureCliCredential(
+                tenant_id=c.tenant_id or "", process_timeout=max(int(c.token_timeout), 1)
+            )
+        if kind == "azure_managed_identity":
+            return aio.ManagedIdentityCredential(client_id=c.client_id)
+        if kind == "azure_workload_identity":
+            kwargs: dict[str, Any] = dict(authority)
+            if c.tenant_id:
+                kwargs["tenant_id"] = c.tenant_id
+            if c.client_id:
+                kwargs["client_id"] = c.client_id
+            return aio.WorkloadIdentityCredential(**kwargs)
+        if kind == "azure_certificate":
+            password = c.certificate_password.encode() if c.certificate_password else None
+            return aio.CertificateCredential(
+                c.tenant_id or "",
+                c.client_id or "",
+                c.certificate_path,
+                password=password,
+                **authority,
+            )
+        if kind == "azure_default":
+            extra: dict[str, Any] = dict(authority)
+            if c.client_id:
+                extra["managed_identity_client_id"] = c.client_id
+            return aio.DefaultAzureCredential(**extra)
+        raise ValueError(f"unknown upstream_auth.type {kind!r}")
+
+    return build

@@ -1,0 +1,159 @@
+"""Header rewriting on bytes, done once per request and once per response.
+
+Pure functions: the request head sent upstream and the response head sent back to the client are
+built here from the parsed headers, keeping names, values and order, and dropping only hop-by-hop
+headers, the client's credentials (when replaced) and ``Host`` (replaced in place).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+Headers = Sequence[tuple[bytes, bytes]]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"x-api-key", b"api-key"})
+# The proxy answers ``Expect: 100-continue`` itself, once the client is authenticated.
+_REQUEST_DROP = HOP_BY_HOP | {b"expect", b"host"}
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCredential:
+    """What goes upstream instead of the client's key.
+
+    ``api_key``: the key replaces the client's key in each header the client used.
+    ``bearer``: every client credential header goes, ``Authorization: Bearer <value>`` comes.
+    """
+
+    kind: Literal["api_key", "bearer"]
+    value: bytes
+
+    def __repr__(self) -> str:
+        return f"UpstreamCredential(kind={self.kind!r}, value=<redacted>)"
+
+
+def connection_tokens(headers: Headers) -> frozenset[bytes]:
+    """Lower-cased header names listed in ``Connection``: hop-by-hop for this message only."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    tokens.discard(b"")
+    return frozenset(tokens)
+
+
+def _credential_line(name: bytes, lname: bytes, cred: UpstreamCredential) -> bytes:
+    if lname == b"authorization":
+        return name + b": Bearer " + cred.value + b"\r\n"
+    return name + b": " + cred.value + b"\r\n"
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    headers: Headers,
+    *,
+    host: bytes,
+    prefix: bytes,
+    credential: UpstreamCredential | None,
+    chunked: bool,
+    default_header: bytes = b"Authorization",
+) -> bytes:
+    """The request head sent upstream.
+
+    ``target`` is the client's raw origin-form target, appended to ``prefix`` untouched.
+    ``credential`` None means passthrough: the client's own headers go as they are.
+    An API key goes in the header(s) the client used, or in ``default_header`` when the client
+    used none (no client keys configured).
+    ``chunked`` keeps the client's ``Transfer-Encoding`` line: the body is re-chunked.
+    """
+    drop = _REQUEST_DROP | connection_tokens(headers)
+    lines = [method, b" ", prefix, target, b" HTTP/1.1\r\n"]
+    host_written = False
+    cred_written = credential is None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"host" and not host_written:
+                lines.append(name + b": " + host + b"\r\n")
+                host_written = True
+            elif lname == b"transfer-encoding" and chunked:
+                lines.append(name + b": " + value + b"\r\n")
+            continue
+        if credential is not None and lname in CREDENTIAL_HEADERS:
+            if credential.kind == "api_key":
+                lines.append(_credential_line(name, lname, credential))
+            elif not cred_written:
+                lines.append(b"Authorization: Bearer " + credential.value + b"\r\n")
+            cred_written = True
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if not host_written:
+        lines.insert(5, b"Host: " + host + b"\r\n")
+    if not cred_written and credential is not None:
+        name = default_header if credential.kind == "api_key" else b"Authorization"
+        lines.append(_credential_line(name, name.lower(), credential))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def client_response_head(
+    status: int,
+    reason: bytes,
+    headers: Headers,
+    *,
+    chunked: bool,
+    close: bool,
+) -> bytes:
+    """The response head sent to the client: the upstream's, less hop-by-hop headers.
+
+    ``chunked`` keeps the upstream's ``Transfer-Encoding`` line (the body is re-chunked);
+    ``close`` announces that the proxy closes the client connection after this response.
+    """
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    lines = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in drop:
+            if lname == b"transfer-encoding" and chunked:
+                lines.append(name + b": " + value + b"\r\n")
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    if close:
+        lines.append(b"connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def interim_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
+    """A 1xx response (103 Early Hints and the like), relayed as it came."""
+    return client_response_head(status, reason, headers, chunked=False, close=False)
+
+
+def is_chunked(headers: Headers) -> bool:
+    """Whether the message body uses chunked framing (llhttp has validated the header)."""
+    for name, value in headers:
+        if name.lower() == b"transfer-encoding":
+            return value.rstrip().lower().endswith(b"chunked")
+    return False
+
+
+def content_length(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            return int(value)
+    return None

@@ -1,0 +1,487 @@
+"""One request's journey: authenticate, open upstream, relay the body, relay the response.
+
+An :class:`Exchange` is driven by parser events from both sides and does its work in those
+callbacks, so a request that finds a valid token and a pooled connection needs no task at all.
+Only waiting (for a token on a cold start, or for a new upstream connection) runs in a task,
+which the server owns.
+
+Body bytes are written as they arrive, never gathered: a chunked body is re-chunked (llhttp
+hands over the chunk payloads), a sized body goes as is. Backpressure runs both ways through
+``pause_reading`` on the side that produces faster than the other consumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Final
+
+from . import headers as hdr
+from .client_auth import PASSTHROUGH, REJECTED, authenticate, presented
+from .errors import (
+    BadRequest,
+    ProxyError,
+    Unauthorized,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    family_of,
+    render_error,
+)
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .server import ClientConnection, RequestHead, ServerState
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("claude_proxy.access")
+
+# Request body held while the upstream connection is being opened, before reading pauses.
+PENDING_HIGH_WATER: Final = 256 * 1024
+# A request body up to this size is kept until the response starts, so that a request sent on a
+# pooled connection the upstream had just closed can be sent again on a new one.
+REPLAY_LIMIT: Final = 1024 * 1024
+# A rejected request's body is read and dropped up to this size, so the client sees the
+# response rather than a reset; past it the connection is closed.
+DISCARD_LIMIT: Final = 16 * 1024 * 1024
+CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+TERMINATOR: Final = b"0\r\n\r\n"
+NO_BODY_STATUS: Final = frozenset({204, 304})
+
+
+class Exchange:
+    """A request/response pair between one client connection and one upstream connection."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "chunked_out",
+        "client",
+        "close_after",
+        "credential",
+        "discarded",
+        "family",
+        "finished",
+        "head",
+        "key_name",
+        "pending",
+        "pending_bytes",
+        "replay",
+        "replay_bytes",
+        "request_done",
+        "response_done",
+        "response_started",
+        "retried",
+        "sent_all",
+        "state",
+        "status",
+        "t_first",
+        "t_start",
+        "task",
+        "upstream",
+        "upstream_head",
+        "watch_bytes",
+        "watch_since",
+        "wrote_error",
+        "wrote_upstream",
+    )
+
+    def __init__(self, state: ServerState, client: ClientConnection, head: RequestHead) -> None:
+        self.state = state
+        self.client = client
+        self.head = head
+        self.family = family_of(head.target, head.anthropic_version)
+        self.key_name: str | None = None
+        self.credential: hdr.UpstreamCredential | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.upstream_head = b""
+        self.task: asyncio.Task[None] | None = None
+        self.pending: list[bytes] | None = []
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = None
+        self.replay_bytes = 0
+        self.retried = False
+        self.wrote_upstream = False
+        self.sent_all = False
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.wrote_error = False
+        self.finished = False
+        self.chunked_out = False
+        self.close_after = not head.keep_alive
+        self.discarded = 0
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.t_start = time.perf_counter()
+        self.t_first = 0.0
+        self.watch_bytes = -1
+        self.watch_since = 0.0
+
+    # ================================================================ start
+
+    def start(self) -> None:
+        """Authenticate, pick the credential, and open the upstream; answer errors directly."""
+        state = self.state
+        head = self.head
+        try:
+            creds = presented(head.headers)
+            self.key_name = authenticate(
+                creds, state.keyring, state.config.passthrough_unauthenticated
+            )
+            if self.key_name is None:
+                self._build_upstream_head()
+            else:
+                credential = state.auth.credential_now()
+                if credential is None:  # cold start: a token is on its way
+                    self.task = state.spawn(self._start_slow())
+                    return
+                self.credential = credential
+                self._build_upstream_head()
+        except Unauthorized as exc:
+            self.key_name = REJECTED
+            self.respond_error(exc)
+            return
+        except ProxyError as exc:
+            self.respond_error(exc)
+            return
+        self._open_upstream()
+
+    async def _start_slow(self) -> None:
+        try:
+            self.credential = await self.state.auth.credential_wait()
+            self._build_upstream_head()
+            conn = await self.state.pool.connect()
+        except ProxyError as exc:
+            self.respond_error(exc)
+            return
+        except TimeoutError:
+            self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
+            return
+        except OSError as exc:
+            self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
+            return
+        finally:
+            self.task = None
+        self._attach(conn)
+
+    def _build_upstream_head(self) -> None:
+        state = self.state
+        head = self.head
+        self.upstream_head = hdr.upstream_request_head(
+            head.method,
+            head.target,
+            head.headers,
+            host=state.origin.host_header,
+            prefix=state.origin.prefix,
+            credential=self.credential,
+            chunked=head.chunked,
+            default_header=b"x-api-key" if self.family == "anthropic" else b"Authorization",
+        )
+
+    def _open_upstream(self) -> None:
+        conn = self.state.pool.take_idle()
+        if conn is not None:
+            self._attach(conn)
+        else:
+            self.task = self.state.spawn(self._connect())
+
+    async def _connect(self) -> None:
+        try:
+            conn = await self.state.pool.connect()
+        except TimeoutError:
+            self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
+            return
+        except OSError as exc:
+            self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
+            return
+        finally:
+            self.task = None
+        self._attach(conn)
+
+    def _connect_timeout_message(self) -> str:
+        return (
+            f"Timed out connecting to the upstream after {self.state.config.connect_timeout:g} s."
+        )
+
+    def _attach(self, conn: UpstreamConnection) -> None:
+        if self.finished or self.response_started:
+            self.state.pool.release(conn)
+            return
+        self.upstream = conn
+        conn.exchange = self
+        pending = self.pending or []
+        self.pending = None
+        out = [self.upstream_head, *pending]
+        if conn.reused and not self.retried:
+            self.replay = out[:]
+            self.replay_bytes = sum(len(b) for b in out)
+        conn.transport.writelines(out)  # type: ignore[union-attr]
+        self.wrote_upstream = True
+        self.sent_all = self.request_done
+        if self.head.expect_continue and not self.request_done:
+            self.client.write(CONTINUE)
+        self.client.resume_reading_for(self)
+
+    # ================================================================ request body (client side)
+
+    def on_request_body(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        if self.response_done or self.wrote_error:
+            self._discard(len(data))
+            return
+        if self.head.chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        self._send_upstream(data)
+
+    def on_request_complete(self) -> None:
+        self.request_done = True
+        if self.head.chunked and not (self.response_done or self.wrote_error):
+            self._send_upstream(TERMINATOR)
+        if self.upstream is not None:
+            self.sent_all = True
+        if self.response_done:
+            self._finish()
+
+    def _send_upstream(self, data: bytes) -> None:
+        upstream = self.upstream
+        if upstream is None:
+            if self.pending is not None:
+                self.pending.append(data)
+                self.pending_bytes += len(data)
+                if self.pending_bytes > PENDING_HIGH_WATER:
+                    self.client.pause_reading_for(self)
+            return
+        if self.replay is not None:
+            self.replay.append(data)
+            self.replay_bytes += len(data)
+            if self.replay_bytes > REPLAY_LIMIT:
+                self.replay = None
+        upstream.write(data)
+
+    def _discard(self, n: int) -> None:
+        self.discarded += n
+        if self.discarded > DISCARD_LIMIT:
+            self.close_after = True
+            self.client.abort()
+
+    # ================================================================ response (upstream side)
+
+    def on_response_head(
+        self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        if status < 200:
+            if status != 100:  # 100 was ours to send; 103 and others go through
+                self.client.write(hdr.interim_response_head(status, reason, headers))
+            return
+        self.replay = None
+        self.status = status
+        self.response_started = True
+        self.t_first = time.perf_counter()
+        has_body = self.head.method != b"HEAD" and status not in NO_BODY_STATUS
+        chunked = has_body and hdr.is_chunked(headers)
+        if chunked and not self.head.http11:
+            chunked = False
+            self.close_after = True  # an HTTP/1.0 client: the end of the body is the close
+        elif has_body and not chunked and hdr.content_length(headers) is None:
+            self.close_after = True  # close-delimited upstream body
+        self.chunked_out = chunked
+        if self.client.draining:
+            self.close_after = True
+        self.client.write(
+            hdr.client_response_head(
+                status, reason, headers, chunked=chunked, close=self.close_after
+            )
+        )
+        if status == 401 and self.credential is not None and self.credential.kind == "bearer":
+            self.state.auth.rejected(self.credential)
+
+    def on_response_body(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        if self.chunked_out:
+            self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            self.client.write(data)
+
+    def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
+        if self.chunked_out:
+            if trailers:
+                lines = b"".join(b"%b: %b\r\n" % pair for pair in trailers)
+                self.client.write(b"0\r\n" + lines + b"\r\n")
+            else:
+                self.client.write(TERMINATOR)
+        self.response_done = True
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            if self.sent_all:
+                self.state.pool.release(upstream)
+            else:
+                upstream.close()  # the upstream answered before the whole request went
+        if self.request_done:
+            self._finish()
+
+    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        """The upstream connection closed before the response was complete."""
+        self.upstream = None
+        if self.finished:
+            return
+        if not self.response_started:
+            if self.replay is not None and conn.reused and not self.retried:
+                self._retry()
+                return
+            self.respond_error(
+                UpstreamUnavailable("The upstream closed the connection before sending a response.")
+            )
+            return
+        if self.close_after and not self.chunked_out and self.head.method != b"HEAD":
+            self.response_done = True  # a close-delimited body ends with the close
+            self.client.close()
+            self._finish()
+            return
+        self._abort_client("the upstream closed the connection mid-response")
+
+    def upstream_broken(self, reason: str) -> None:
+        """The upstream spoke something that is not HTTP/1.1; drop its connection."""
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close()
+        if self.finished:
+            return
+        if self.response_started:
+            self._abort_client(reason)
+        else:
+            logger.warning("upstream error: %s", reason)
+            self.respond_error(UpstreamUnavailable("The upstream sent a malformed response."))
+
+    def _retry(self) -> None:
+        """Send the request again on a new connection: the pooled one was closed under us."""
+        logger.debug("pooled upstream connection was closed; retrying on a new one")
+        self.retried = True
+        self.pending = self.replay
+        self.replay = None
+        self.pending = (self.pending or [])[1:]  # the head is rebuilt by _attach
+        self.task = self.state.spawn(self._connect())
+
+    # ================================================================ flow control
+
+    def upstream_write_paused(self) -> None:
+        self.client.pause_reading_for(self)
+
+    def upstream_write_resumed(self) -> None:
+        self.client.resume_reading_for(self)
+
+    def client_write_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def client_write_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # ================================================================ endings
+
+    def respond_error(self, error: ProxyError) -> None:
+        """Answer with a proxy-made error, unless a response has already begun."""
+        if self.finished or self.response_started:
+            return
+        self.status = error.status
+        self.response_started = True
+        self.response_done = True
+        self.wrote_error = True
+        self.t_first = time.perf_counter()
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if not self.request_done and self.head.expect_continue and not self.wrote_upstream:
+            self.close_after = True  # the client may be holding its body back: end it here
+        if isinstance(error, BadRequest) or self.client.draining:
+            self.close_after = True
+        body = render_error(error, self.family, close=self.close_after)
+        self.bytes_out += len(body)
+        self.client.write(body)
+        if self.request_done:
+            self._finish()
+
+    def _abort_client(self, reason: str) -> None:
+        logger.warning("aborting client connection: %s", reason)
+        self.close_after = True
+        self.client.abort()
+        self._finish()
+
+    def client_lost(self) -> None:
+        """The client went away: stop everything on its behalf at once."""
+        if self.finished:
+            return
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.close()
+        if not self.response_done:
+            self.status = self.status or 499
+        self.close_after = True
+        self._finish()
+
+    def check_idle(self, now: float, idle_timeout: float) -> None:
+        """Called by the server's sweeper: end an exchange on which no byte moved for too long."""
+        moved = self.bytes_in + self.bytes_out
+        if moved != self.watch_bytes:
+            self.watch_bytes = moved
+            self.watch_since = now
+            return
+        if now - self.watch_since < idle_timeout:
+            return
+        if self.response_started:
+            self._abort_client(f"no data for {idle_timeout:g} s")
+        else:
+            self.respond_error(
+                UpstreamTimeout(f"The upstream sent nothing for {idle_timeout:g} s (idle_timeout).")
+            )
+            if not self.request_done:
+                self.close_after = True
+                self.client.close()
+                self._finish()
+
+    def _finish(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self.state.access_log:
+            self._log_access()
+        self.client.exchange_finished(self)
+
+    def _log_access(self) -> None:
+        now = time.perf_counter()
+        ttfb = (self.t_first - self.t_start) * 1000 if self.t_first else -1.0
+        name = self.key_name or PASSTHROUGH
+        path = self.head.target.split(b"?", 1)[0].decode("latin-1")
+        rid = self.state.next_request_id()
+        access_logger.info(
+            '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms',
+            rid,
+            name,
+            self.head.method.decode("latin-1"),
+            path,
+            self.status,
+            self.bytes_in,
+            self.bytes_out,
+            ttfb,
+            (now - self.t_start) * 1000,
+            extra={"request_id": rid, "client_key": name, "status": self.status},
+        )
+
+
+def _connect_failed(exc: OSError) -> str:
+    reason = exc.strerror or type(exc).__name__
+    return f"Could not connect to the upstream: {reason}."

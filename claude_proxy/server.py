@@ -1,0 +1,492 @@
+"""The listening side: an HTTP/1.1 server Protocol (llhttp via httptools) and its lifecycle.
+
+:class:`ProxyServer` binds (port 0 allowed), serves, and shuts down in three steps: stop
+accepting, let in-flight exchanges finish up to a deadline, then abort what is left.
+Each client connection parses requests and hands every event to its current
+:class:`~claude_proxy.relay.Exchange`; pipelined requests wait their turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import socket
+import ssl
+from collections import deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+import httptools
+
+from .client_auth import KeyRing
+from .config import Config
+from .credentials import UpstreamAuth
+from .errors import (
+    BadRequest,
+    HeadersTooLarge,
+    ProxyError,
+    UriTooLong,
+    family_of,
+    render_error,
+)
+from .headers import is_chunked
+from .relay import Exchange
+from .upstream import Origin, UpstreamPool
+
+logger = logging.getLogger(__name__)
+
+# Reasons a client connection's reading is paused; reading resumes when none is left.
+PAUSE_UPSTREAM: Final = 1  # the upstream is not taking the request body as fast as it comes
+PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the one before it
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    keep_alive: bool
+    http11: bool
+    chunked: bool
+    expect_continue: bool
+    anthropic_version: bool
+
+
+class ServerState:
+    """What every connection shares: config, keys, credential, pool, and owned tasks."""
+
+    def __init__(self, config: Config, auth: UpstreamAuth, pool: UpstreamPool) -> None:
+        self.config = config
+        self.keyring = KeyRing(config.client_keys())
+        self.auth = auth
+        self.pool = pool
+        self.origin = pool.origin
+        self.connections: set[ClientConnection] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.draining = False
+        self.drained = asyncio.Event()
+        self.access_log = logging.getLogger("claude_proxy.access").isEnabledFor(logging.INFO)
+        self._ids = itertools.count(1)
+        self._id_prefix = secrets.token_hex(3)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start a task the server owns: it is awaited or cancelled at shutdown."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
+    def next_request_id(self) -> str:
+        return f"{self._id_prefix}-{next(self._ids):x}"
+
+    def reload(self, config: Config) -> None:
+        """Take new client keys and log settings without touching open connections."""
+        self.config = config
+        self.keyring = KeyRing(config.client_keys())
+        self.access_log = logging.getLogger("claude_proxy.access").isEnabledFor(logging.INFO)
+
+    @property
+    def active_exchanges(self) -> int:
+        return sum(1 for c in self.connections if c.active is not None)
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client's TCP (or TLS) connection, speaking HTTP/1.1."""
+
+    __slots__ = (
+        "_head_bytes",
+        "_head_since",
+        "_headers",
+        "_reading",
+        "_url",
+        "active",
+        "draining",
+        "idle_since",
+        "loop",
+        "parser",
+        "paused_by",
+        "queue",
+        "state",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.active: Exchange | None = None  # whose response is being written
+        self._reading: Exchange | None = None  # whose request body is being read
+        self.queue: deque[Exchange] = deque()
+        self.paused_by = 0
+        self.write_paused = False
+        self.draining = state.draining
+        self.idle_since = self.loop.time()
+        self._head_since = 0.0
+        self._head_bytes = -1  # -1: not inside a request head
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.state.connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state = self.state
+        state.connections.discard(self)
+        if state.draining and not state.connections:
+            state.drained.set()
+        exchanges = [ex for ex in (self.active, self._reading, *self.queue) if ex is not None]
+        self.active = self._reading = None
+        self.queue.clear()
+        for ex in dict.fromkeys(exchanges):
+            ex.client_lost()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_bytes >= 0:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, ProxyError):
+                self._reject(cause)
+            else:
+                logger.error("internal error while reading a request", exc_info=cause)
+                self.abort()
+        except httptools.HttpParserUpgrade:
+            self._upgrade_requested()
+        except httptools.HttpParserError as exc:
+            self._reject(BadRequest(f"Malformed HTTP request: {_parser_reason(exc)}."))
+        else:
+            if self._head_bytes > self.state.config.max_header_bytes:
+                self._reject(HeadersTooLarge("Request head too large."))
+
+    def eof_received(self) -> bool | None:
+        # A half-closed client may still be waiting for a response (curl's --data with EOF).
+        return self.active is not None
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.active is not None:
+            self.active.client_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.active is not None:
+            self.active.client_write_resumed()
+
+    # ---------------------------------------------------------------- llhttp callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_since = self.loop.time()
+        if self._head_bytes < 0:
+            self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.state.config.max_header_bytes:
+            raise UriTooLong("Request target too long.")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        if len(self._headers) > self.state.config.max_headers:
+            raise HeadersTooLarge("Too many request headers.")
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes = -1
+        parser = self.parser
+        method = parser.get_method()
+        target = self._url
+        if method == b"CONNECT" or not target.startswith(b"/"):
+            raise BadRequest(
+                "This is a reverse proxy: the request target must be a path, "
+                "not an absolute URL or an authority."
+            )
+        headers = self._headers
+        expect = anthropic_version = False
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"expect":
+                if value.lower() != b"100-continue":
+                    raise BadRequest("Unsupported Expect header.")
+                expect = True
+            elif lname == b"anthropic-version":
+                anthropic_version = True
+        head = RequestHead(
+            method=method,
+            target=target,
+            headers=headers,
+            keep_alive=parser.should_keep_alive() and not self.draining,
+            http11=parser.get_http_version() == "1.1",
+            chunked=is_chunked(headers),
+            expect_continue=expect and parser.get_http_version() == "1.1",
+            anthropic_version=anthropic_version,
+        )
+        exchange = Exchange(self.state, self, head)
+        self._reading = exchange
+        if self.active is None:
+            self.active = exchange
+            exchange.start()
+        else:
+            self.queue.append(exchange)
+            self.pause_reading_for(exchange, PAUSE_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        if self._reading is not None:
+            self._reading.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange = self._reading
+        self._reading = None
+        if exchange is not None:
+            exchange.on_request_complete()
+
+    # ---------------------------------------------------------------- used by Exchange
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def pause_reading_for(self, exchange: Exchange, reason: int = PAUSE_UPSTREAM) -> None:
+        if self.paused_by == 0 and self.transport is not None:
+            self.transport.pause_reading()
+        self.paused_by |= reason
+
+    def resume_reading_for(self, exchange: Exchange, reason: int = PAUSE_UPSTREAM) -> None:
+        if not self.paused_by & reason:
+            return
+        self.paused_by &= ~reason
+        if self.paused_by == 0 and self.transport is not None:
+            self.transport.resume_reading()
+
+    def exchange_finished(self, exchange: Exchange) -> None:
+        if exchange is not self.active:
+            return  # a queued exchange that ended with the connection
+        self.active = None
+        if exchange.close_after or self.draining:
+            self.close()
+            return
+        if self.queue:
+            nxt = self.queue.popleft()
+            self.active = nxt
+            if not self.queue:
+                self.resume_reading_for(nxt, PAUSE_PIPELINE)
+            nxt.start()
+            return
+        self.idle_since = self.loop.time()
+
+    # ---------------------------------------------------------------- server control
+
+    def check_timeouts(self, now: float) -> None:
+        config = self.state.config
+        if self._head_bytes >= 0 and now - self._head_since > config.header_timeout:
+            logger.info(
+                "closing a connection whose request head took over %gs", config.header_timeout
+            )
+            self.abort()
+            return
+        for exchange in (self.active, self._reading):
+            if exchange is not None:
+                exchange.check_idle(now, config.idle_timeout)
+        if (
+            self.active is None
+            and self._reading is None
+            and self._head_bytes < 0
+            and now - self.idle_since > config.keepalive_timeout
+        ):
+            self.close()
+
+    def start_draining(self) -> None:
+        self.draining = True
+        if self.active is None and self._reading is None and self._head_bytes < 0:
+            self.close()
+        elif self.active is not None:
+            self.active.close_after = True
+
+    # ---------------------------------------------------------------- errors
+
+    def _reject(self, error: ProxyError) -> None:
+        """Answer a request that cannot be parsed or is refused before it has an exchange."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._reading is not None and self._reading.response_started:
+            self.abort()
+            return
+        if self.active is not None and self.active is not self._reading:
+            self.active.close_after = True  # let the earlier response end, then close
+            self.pause_reading_for(self.active, PAUSE_PIPELINE)
+            return
+        self.transport.write(render_error(error, family_of(self._url, False), close=True))
+        self.transport.close()
+        self.active = self._reading = None
+
+    def _upgrade_requested(self) -> None:
+        self._reject(BadRequest("Protocol upgrades are not supported by this proxy."))
+
+
+def _parser_reason(exc: Exception) -> str:
+    text = str(exc)
+    return text if text.isprintable() and len(text) < 120 else type(exc).__name__
+
+
+class ProxyServer:
+    """The proxy's listener(s) and everything they share, from bind to shutdown."""
+
+    def __init__(
+        self,
+        config: Config,
+        auth: UpstreamAuth,
+        *,
+        sock: socket.socket | None = None,
+        upstream_ssl: ssl.SSLContext | None = None,
+        tls_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.config = config
+        self.auth = auth
+        self._sock = sock
+        self._upstream_ssl = upstream_ssl
+        self._tls_context = tls_context
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        self.state: ServerState | None = None
+
+    async def start(self) -> None:
+        """Start the credential, bind the listener(s) and the timeout sweeper."""
+        config = self.config
+        pool = UpstreamPool(
+            Origin(config.upstream_url),
+            connect_timeout=config.connect_timeout,
+            idle_timeout=config.pool_idle_timeout,
+            ssl_context=self._upstream_ssl,
+        )
+        self.state = state = ServerState(config, self.auth, pool)
+        await self.auth.start()
+        loop = asyncio.get_running_loop()
+        factory = lambda: ClientConnection(state)  # noqa: E731
+        if self._sock is not None:
+            server = await loop.create_server(factory, sock=self._sock, backlog=2048)
+        else:
+            server = await loop.create_server(
+                factory, config.bind_address, config.port, backlog=2048, reuse_address=True
+            )
+        self._servers.append(server)
+        if self._tls_context is not None:
+            tls_server = await loop.create_server(
+                factory,
+                config.bind_address,
+                config.tls.https_port,
+                ssl=self._tls_context,
+                backlog=2048,
+                reuse_address=True,
+            )
+            self._servers.append(tls_server)
+        self._sweeper = loop.create_task(self._sweep())
+
+    @property
+    def port(self) -> int:
+        """The plain listener's real port (useful after binding port 0)."""
+        return int(self._servers[0].sockets[0].getsockname()[1])
+
+    @property
+    def tls_port(self) -> int | None:
+        if len(self._servers) < 2:
+            return None
+        return int(self._servers[1].sockets[0].getsockname()[1])
+
+    def _sweep_interval(self) -> float:
+        c = self.config
+        shortest = min(c.idle_timeout, c.header_timeout, c.keepalive_timeout)
+        return max(0.05, min(1.0, shortest / 4))
+
+    async def _sweep(self) -> None:
+        assert self.state is not None
+        state = self.state
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._sweep_interval())
+            now = loop.time()
+            for conn in list(state.connections):
+                conn.check_timeouts(now)
+
+    def reload(self, config: Config) -> None:
+        assert self.state is not None
+        self.config = config
+        self.state.reload(config)
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop accepting, drain in-flight exchanges up to ``timeout``, then abort the rest.
+
+        Returns True when everything finished within the deadline.
+        """
+        state = self.state
+        if state is None:
+            return True
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        state.draining = True
+        for server in self._servers:
+            server.close()
+        for conn in list(state.connections):
+            conn.start_draining()
+        drained = await self._wait_drained(timeout)
+        for conn in list(state.connections):
+            conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for task in list(state.tasks):
+            task.cancel()
+        if state.tasks:
+            await asyncio.gather(*state.tasks, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        state.pool.close()
+        await self.auth.close()
+        return drained
+
+    async def _wait_drained(self, timeout: float) -> bool:
+        assert self.state is not None
+        if not self.state.connections:
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self.state.drained.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A bound, listening socket; with ``reuse_port`` several workers can share the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    if os.name == "posix":
+        sock.set_inheritable(True)
+    return sock

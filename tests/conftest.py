@@ -1,0 +1,87 @@
+"""Shared fixtures: one event loop thread per session, loopback servers per test."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from claude_proxy.config import Config
+from claude_proxy.mock import MockFoundry, start_mock
+
+from .helpers import (
+    UPSTREAM_KEY,
+    Handler,
+    LoopThread,
+    ProxyHandle,
+    RawUpstream,
+    default_handler,
+    make_config,
+    start_proxy,
+)
+
+
+@pytest.fixture(scope="session")
+def lt() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+@pytest.fixture
+def upstream(lt: LoopThread) -> Iterator[RawUpstream]:
+    up = RawUpstream()
+    lt.run(up.start())
+    yield up
+    lt.run(up.stop())
+
+
+@pytest.fixture
+def make_upstream(lt: LoopThread) -> Iterator[Callable[..., RawUpstream]]:
+    made: list[RawUpstream] = []
+
+    def make(handler: Handler = default_handler, **kwargs: Any) -> RawUpstream:
+        up = RawUpstream(handler, **kwargs)
+        lt.run(up.start())
+        made.append(up)
+        return up
+
+    yield make
+    for up in made:
+        lt.run(up.stop())
+
+
+@pytest.fixture
+def make_proxy(lt: LoopThread) -> Iterator[Callable[..., ProxyHandle]]:
+    started: list[ProxyHandle] = []
+
+    def make(upstream_url: str, config: Config | None = None, **changes: Any) -> ProxyHandle:
+        handle = start_proxy(lt, config or make_config(upstream_url, **changes))
+        started.append(handle)
+        return handle
+
+    yield make
+    for handle in started:
+        handle.stop(2.0)
+
+
+@pytest.fixture
+def proxy(upstream: RawUpstream, make_proxy: Callable[..., ProxyHandle]) -> ProxyHandle:
+    return make_proxy(upstream.url)
+
+
+@pytest.fixture
+def mock(lt: LoopThread) -> Iterator[tuple[MockFoundry, int]]:
+    foundry = MockFoundry(api_key=UPSTREAM_KEY, delay=0.0)
+    runner, port = lt.run(start_mock(foundry))
+    yield foundry, port
+    lt.run(runner.cleanup())
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    """Capture claude_proxy logs at DEBUG (set before the proxy starts, so access lines flow)."""
+    caplog.set_level(logging.DEBUG, logger="claude_proxy")
+    return caplog

@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import pytest
+
+from claude_proxy.headers import (
+    UpstreamCredential,
+    client_response_head,
+    connection_tokens,
+    content_length,
+    is_chunked,
+    upstream_request_head,
+)
+
+KEY = UpstreamCredential("api_key", b"UPKEY")
+TOKEN = UpstreamCredential("bearer", b"TOKEN")
+
+
+def head(
+    headers: list[tuple[bytes, bytes]],
+    credential: UpstreamCredential | None = None,
+    *,
+    chunked: bool = False,
+    prefix: bytes = b"",
+    target: bytes = b"/v1/x?a=%2F",
+) -> bytes:
+    return upstream_request_head(
+        b"POST",
+        target,
+        headers,
+        host=b"up.example",
+        prefix=prefix,
+        credential=credential,
+        chunked=chunked,
+    )
+
+
+def lines(raw: bytes) -> list[bytes]:
+    assert raw.endswith(b"\r\n\r\n")
+    return raw[:-4].split(b"\r\n")
+
+
+def test_request_line_keeps_raw_target_and_prefix() -> None:
+    assert lines(head([], prefix=b"/base"))[0] == b"POST /base/v1/x?a=%2F HTTP/1.1"
+    assert lines(head([], target=b"/a/../b//c%2e"))[0] == b"POST /a/../b//c%2e HTTP/1.1"
+
+
+def test_order_case_and_values_are_kept() -> None:
+    headers = [
+        (b"Host", b"proxy:8080"),
+        (b"anthropic-beta", b"a-1,b-2"),
+        (b"X-Custom-Thing", b"  odd  value"),
+        (b"anthropic-version", b"2023-06-01"),
+        (b"accept-encoding", b"gzip, br, zstd"),
+    ]
+    assert lines(head(headers))[1:] == [
+        b"Host: up.example",
+        b"anthropic-beta: a-1,b-2",
+        b"X-Custom-Thing:   odd  value",
+        b"anthropic-version: 2023-06-01",
+        b"accept-encoding: gzip, br, zstd",
+    ]
+
+
+def test_missing_host_is_added_first() -> None:
+    assert lines(head([(b"a", b"1")]))[1:] == [b"Host: up.example", b"a: 1"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"Connection",
+        b"Keep-Alive",
+        b"Proxy-Authorization",
+        b"Proxy-Connection",
+        b"TE",
+        b"Trailer",
+        b"Upgrade",
+        b"Expect",
+        b"Transfer-Encoding",
+    ],
+)
+def test_hop_by_hop_headers_are_dropped(name: bytes) -> None:
+    out = head([(b"host", b"h"), (name, b"v"), (b"keep", b"me")])
+    assert lines(out)[1:] == [b"host: up.example", b"keep: me"]
+
+
+def test_connection_listed_headers_are_dropped() -> None:
+    headers = [(b"Connection", b"keep-alive, X-Hop"), (b"x-hop", b"1"), (b"x-stay", b"2")]
+    assert lines(head(headers))[1:] == [b"Host: up.example", b"x-stay: 2"]
+    assert connection_tokens(headers) == {b"keep-alive", b"x-hop"}
+
+
+def test_chunked_framing_line_is_kept_when_rechunking() -> None:
+    headers = [(b"Transfer-Encoding", b"chunked"), (b"a", b"1")]
+    assert lines(head(headers, chunked=True))[1:] == [
+        b"Host: up.example",
+        b"Transfer-Encoding: chunked",
+        b"a: 1",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        ([(b"x-api-key", b"client")], [b"x-api-key: UPKEY"]),
+        ([(b"API-Key", b"client")], [b"API-Key: UPKEY"]),
+        ([(b"Authorization", b"Bearer client")], [b"Authorization: Bearer UPKEY"]),
+        (
+            [(b"x-api-key", b"client"), (b"authorization", b"Bearer client")],
+            [b"x-api-key: UPKEY", b"authorization: Bearer UPKEY"],
+        ),
+    ],
+)
+def test_api_key_goes_in_the_headers_the_client_used(
+    client: list[tuple[bytes, bytes]], expected: list[bytes]
+) -> None:
+    assert lines(head([(b"a", b"1"), *client, (b"z", b"2")], KEY))[1:] == [
+        b"Host: up.example",
+        b"a: 1",
+        *expected,
+        b"z: 2",
+    ]
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        [],
+        [(b"x-api-key", b"client")],
+        [(b"x-api-key", b"c"), (b"api-key", b"c"), (b"Authorization", b"Bearer c")],
+    ],
+)
+def test_bearer_replaces_every_client_credential_once(client: list[tuple[bytes, bytes]]) -> None:
+    out = lines(head([(b"a", b"1"), *client], TOKEN))
+    creds = [line for line in out if b"Bearer" in line or b"api-key" in line.lower()]
+    assert creds == [b"Authorization: Bearer TOKEN"]
+    assert b"client" not in b"".join(out)
+
+
+@pytest.mark.parametrize(
+    ("default", "line"),
+    [(b"Authorization", b"Authorization: Bearer UPKEY"), (b"x-api-key", b"x-api-key: UPKEY")],
+)
+def test_api_key_without_client_header_uses_default(default: bytes, line: bytes) -> None:
+    out = upstream_request_head(
+        b"GET",
+        b"/",
+        [(b"a", b"1")],
+        host=b"h",
+        prefix=b"",
+        credential=KEY,
+        chunked=False,
+        default_header=default,
+    )
+    assert lines(out)[1:] == [b"Host: h", b"a: 1", line]
+
+
+def test_passthrough_keeps_client_headers() -> None:
+    headers = [(b"x-api-key", b"theirs"), (b"Authorization", b"Basic abc")]
+    assert lines(head(headers, None))[1:] == [
+        b"Host: up.example",
+        b"x-api-key: theirs",
+        b"Authorization: Basic abc",
+    ]
+
+
+def test_response_head() -> None:
+    headers = [
+        (b"Content-Type", b"text/event-stream"),
+        (b"Connection", b"keep-alive, X-Up"),
+        (b"x-up", b"drop"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"request-id", b"req_1"),
+        (b"Content-Encoding", b"gzip"),
+    ]
+    out = client_response_head(200, b"OK", headers, chunked=True, close=False)
+    assert lines(out) == [
+        b"HTTP/1.1 200 OK",
+        b"Content-Type: text/event-stream",
+        b"Transfer-Encoding: chunked",
+        b"request-id: req_1",
+        b"Content-Encoding: gzip",
+    ]
+    out = client_response_head(404, b"Nope", headers[:1], chunked=False, close=True)
+    assert lines(out) == [
+        b"HTTP/1.1 404 Nope",
+        b"Content-Type: text/event-stream",
+        b"connection: close",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("headers", "chunked", "length"),
+    [
+        ([(b"Transfer-Encoding", b"chunked")], True, None),
+        ([(b"transfer-encoding", b"gzip, chunked")], True, None),
+        ([(b"Content-Length", b"12")], False, 12),
+        ([], False, None),
+    ],
+)
+def test_framing(headers: list[tuple[bytes, bytes]], chunked: bool, length: int | None) -> None:
+    assert is_chunked(headers) is chunked
+    assert content_length(headers) == length
+
+
+def test_credential_repr_hides_value() -> None:
+    assert b"UPKEY".decode() not in repr(KEY)
