@@ -171,8 +171,8 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(HeadersTooLarge("Request head too large."))
 
     def eof_received(self) -> bool | None:
-        # A half-closed client may still be waiting for a response (curl's --data with EOF).
-        return self.active is not None
+        # Like nginx: a client that ends its side has gone away; its upstream exchange stops.
+        return None
 
     def pause_writing(self) -> None:
         self.write_paused = True

@@ -312,15 +312,19 @@ class RawResponse:
 
 
 class _ResponseReader:
+    """Parses responses off one socket, any number of them, however the bytes are split."""
+
     def __init__(self, head_request: bool) -> None:
         self.parser = httptools.HttpResponseParser(self)
         self.head_request = head_request
+        self.done: list[RawResponse] = []
+        self._reset()
+
+    def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
         self.body = b""
         self.reason = b""
-        self.done = False
         self.head_done = False
-        self.interim: list[int] = []
 
     def on_status(self, reason: bytes) -> None:
         self.reason += reason
@@ -330,43 +334,55 @@ class _ResponseReader:
 
     def on_headers_complete(self) -> None:
         if self.parser.get_status_code() < 200:
-            self.interim.append(self.parser.get_status_code())
-            self.headers = []
-            self.reason = b""
+            self._reset()
             return
         self.head_done = True
         if self.head_request:
-            self.done = True
+            self._complete(True)
 
     def on_body(self, body: bytes) -> None:
         self.body += body
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
-            self.done = True
+        if self.parser.get_status_code() >= 200 and self.head_done:
+            self._complete(True)
+
+    def _complete(self, complete: bool) -> None:
+        status = self.parser.get_status_code() if self.head_done else 0
+        self.done.append(RawResponse(status, self.reason, self.headers, self.body, complete, b""))
+        self._reset()
 
 
-def read_response(sock: socket.socket, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
-    """Read one response; ``complete`` is False when the connection ended before its end."""
+def read_responses(
+    sock: socket.socket, n: int, *, head: bool = False, timeout: float = 5.0
+) -> list[RawResponse]:
+    """Read ``n`` responses; the last is marked incomplete if the connection ended early."""
     reader = _ResponseReader(head)
     raw = b""
     sock.settimeout(timeout)
-    while not reader.done:
+    while len(reader.done) < n:
         try:
             data = sock.recv(65536)
         except ConnectionResetError:
             data = b""
         if not data:
+            reader._complete(False)
             break
         raw += data
         try:
             reader.parser.feed_data(data)
         except httptools.HttpParserError:
-            if reader.done:
+            if len(reader.done) >= n:
                 break
             raise
-    status = reader.parser.get_status_code() if reader.head_done else 0
-    return RawResponse(status, reader.reason, reader.headers, reader.body, reader.done, raw)
+    for resp in reader.done:
+        resp.raw = raw
+    return reader.done[:n]
+
+
+def read_response(sock: socket.socket, *, head: bool = False, timeout: float = 5.0) -> RawResponse:
+    """Read one response; ``complete`` is False when the connection ended before its end."""
+    return read_responses(sock, 1, head=head, timeout=timeout)[0]
 
 
 def request_bytes(
