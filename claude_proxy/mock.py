@@ -48,6 +48,8 @@ class MockFoundry:
         for prefix in ("/openai", ""):
             app.router.add_post(f"{prefix}/v1/chat/completions", self.chat)
             app.router.add_post(f"{prefix}/v1/responses", self.responses)
+        # The older Azure OpenAI surface: deployment in the path, api-version in the query.
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -66,7 +68,7 @@ class MockFoundry:
         )
 
     async def _read(self, request: web.Request, anthropic: bool) -> dict[str, Any] | web.Response:
-        self.seen.append({"path": request.path_qs, "headers": dict(request.headers)})
+        self.seen.append({"path": request.path_qs, "headers": request.headers.copy()})
         if not self._authorized(request):
             if anthropic:
                 body: dict[str, Any] = {

@@ -329,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
         """Answer a request that cannot be parsed or is refused before it has an exchange."""
         if self.transport is None or self.transport.is_closing():
             return
+        logger.info("rejected a request from %s: %d %s", self._peer(), error.status, error.message)
         if self._reading is not None and self._reading.response_started:
             self.abort()
             return
@@ -339,6 +340,10 @@ class ClientConnection(asyncio.Protocol):
         self.transport.write(render_error(error, family_of(self._url, False), close=True))
         self.transport.close()
         self.active = self._reading = None
+
+    def _peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     def _upgrade_requested(self) -> None:
         self._reject(BadRequest("Protocol upgrades are not supported by this proxy."))
