@@ -129,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"claude-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
-        return run(check(loaded, getattr(args, "probe", None), getattr(args, "probe_path", None)))
+        # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
+        probe = getattr(args, "probe", None)
+        return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
     configure_logging(loaded.config.logging, secrets=walk_secrets(loaded.config))
     warn_if_readable(loaded.path)
 
@@ -139,14 +141,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(serve(loaded, reload))
 
 
-def run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop where it exists (not on Windows), else the standard loop."""
-    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
-    if os.environ.get("CLAUDE_PROXY_LOOP", "auto") != "asyncio":
-        try:
-            import uvloop
+def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
+    """Run ``coro`` on uvloop where it exists (not on Windows), else the standard loop.
 
-            factory = uvloop.new_event_loop
+    ``CLAUDE_PROXY_LOOP=asyncio`` forces the standard loop.
+    """
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if uvloop and os.environ.get("CLAUDE_PROXY_LOOP", "auto") != "asyncio":
+        try:
+            import uvloop as _uvloop
+
+            factory = _uvloop.new_event_loop
         except ImportError:
             factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
@@ -169,10 +174,13 @@ def warn_if_readable(path: Path | None) -> None:
             )
 
 
-def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> Callable[[], None]:
-    """SIGTERM/SIGINT set ``stop``; SIGHUP calls ``on_hup``. Returns an undo function."""
+def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT set ``stop``; SIGHUP calls ``on_hup``.
+
+    They stay installed until the process exits: a second SIGTERM during the drain must not
+    fall back to the default action and kill the process mid-drain.
+    """
     loop = asyncio.get_running_loop()
-    installed: list[int] = []
     handlers: list[tuple[int, Callable[[], None]]] = [
         (signal.SIGTERM, stop.set),
         (signal.SIGINT, stop.set),
@@ -182,15 +190,8 @@ def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> Callabl
     for sig, handler in handlers:
         try:
             loop.add_signal_handler(sig, handler)
-            installed.append(sig)
         except (NotImplementedError, RuntimeError):  # Windows' standard loop
             signal.signal(sig, lambda *_, h=handler: loop.call_soon_threadsafe(h))
-
-    def undo() -> None:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-    return undo
 
 
 def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
@@ -222,10 +223,6 @@ async def serve(loaded: Loaded, reload: Callable[[], Loaded]) -> int:
         logger.error("cannot listen on %s:%s: %s", config.bind_address, config.port, exc.strerror)
         await auth.close()
         return EXIT_STARTUP_FAILURE
-    if not auth.ready():
-        logger.error(
-            "starting without an upstream credential; requests get 503 until one is obtained"
-        )
     logger.info("%s", banner(loaded, server, auth))
     if config.client_keys() == () and config.bind_address not in ("127.0.0.1", "::1", "localhost"):
         logger.warning(
@@ -252,14 +249,11 @@ async def serve(loaded: Loaded, reload: Callable[[], Loaded]) -> int:
         )
 
     stop = asyncio.Event()
-    undo = _install_signals(stop, on_hup)
-    try:
-        await stop.wait()
-        logger.info("shutting down: draining for up to %gs", config.shutdown_timeout)
-        drained = await server.shutdown()
-        logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
-    finally:
-        undo()
+    _install_signals(stop, on_hup)
+    await stop.wait()
+    logger.info("shutting down: draining for up to %gs", config.shutdown_timeout)
+    drained = await server.shutdown()
+    logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
     return EXIT_OK
 
 
@@ -278,6 +272,7 @@ async def check(loaded: Loaded, probe: str | None, probe_path: str | None) -> in
         out(f"scope:        {auth.scope}")
         started = time.monotonic()
         await auth.start()
+        await auth.wait_ready()
         status = auth.status()
         if auth.ready():
             expires = status["expires_on"]
@@ -374,11 +369,10 @@ async def demo(port: int, verbose: bool) -> int:
     )
     print(DEMO_TEXT.format(base=base, key=DEMO_CLIENT_KEY, mock=mock_port, body=body), flush=True)
     stop = asyncio.Event()
-    undo = _install_signals(stop, lambda: None)
+    _install_signals(stop, lambda: None)
     try:
         await stop.wait()
     finally:
-        undo()
         await server.shutdown(2.0)
         await runner.cleanup()
     return EXIT_OK

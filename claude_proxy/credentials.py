@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from .config import UpstreamAuthConfig
 from .errors import CredentialUnavailable
 from .headers import UpstreamCredential
+from .logs import register_secret
 
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
@@ -41,7 +42,8 @@ EXPIRY_MARGIN = 10.0
 # azure-identity's own cache agrees that a refresh is due and really fetches a new token.
 REFRESH_BEFORE = 240.0
 BACKOFF_FIRST = 1.0
-BACKOFF_MAX = 60.0
+MIN_INTERVAL = 0.5
+BACKOFF_MAX = 30.0
 
 
 class UpstreamAuth:
@@ -102,7 +104,12 @@ class Token:
 
 
 class TokenAuth(UpstreamAuth):
-    """Entra ID bearer tokens from an azure-identity asyncio credential, cached and refreshed."""
+    """Entra ID bearer tokens from an azure-identity asyncio credential, cached and refreshed.
+
+    Each acquisition uses a credential object of its own (closed right after): azure-identity's
+    internal cache would otherwise hand back the token being replaced, and a fresh object
+    cannot be bound to a stale event loop.
+    """
 
     def __init__(
         self,
@@ -111,21 +118,21 @@ class TokenAuth(UpstreamAuth):
         scope: str,
         *,
         timeout: float = 30.0,
+        backoff_max: float = BACKOFF_MAX,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.description = kind
         self._factory = factory
         self.scope = scope
         self.timeout = timeout
+        self.backoff_max = backoff_max
         self._clock = clock
-        self._cred: AsyncTokenCredential | None = None
         self._token: Token | None = None
         self._header: UpstreamCredential | None = None
         self._suspect = False
-        self._replace_credential = False
         self._inflight: asyncio.Task[Token] | None = None
         self._refresher: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._wake: asyncio.Event | None = None
         self._last_error: str | None = None
         self._state = "starting"
         self.acquisitions = 0
@@ -137,12 +144,15 @@ class TokenAuth(UpstreamAuth):
     # ---------------------------------------------------------------- hot path
 
     def credential_now(self) -> UpstreamCredential | None:
-        if self._header is not None and not self._suspect and self._usable(self._token):
-            return self._header
-        if self._inflight is None or self._inflight.done():
-            if self._last_error is not None and not self._suspect:
-                raise CredentialUnavailable(self._unavailable_message())
-            self._kick()
+        header = self._header
+        if header is not None and not self._suspect and self._usable(self._token):
+            return header
+        if self._inflight is not None and not self._inflight.done():
+            return None  # a token is on its way: wait for it
+        if self._last_error is not None and not self._suspect:
+            self._set_state("unavailable", f"the token expired; {self._last_error}")
+            raise CredentialUnavailable(self._unavailable_message())
+        self._kick()
         return None
 
     async def credential_wait(self) -> UpstreamCredential:
@@ -157,28 +167,29 @@ class TokenAuth(UpstreamAuth):
         raise CredentialUnavailable(self._unavailable_message())
 
     def rejected(self, credential: UpstreamCredential) -> None:
-        if (
-            self._header is not None
-            and credential.value == self._header.value
-            and not self._suspect
-        ):
-            logger.warning("upstream rejected the Entra ID token (401); fetching a new one")
-            self._suspect = True
-            self._replace_credential = True
-            self._kick()
+        if self._header is None or credential.value != self._header.value or self._suspect:
+            return
+        logger.warning("the upstream rejected the Entra ID token (401); fetching a new one")
+        self._suspect = True
+        self._kick()
 
     def ready(self) -> bool:
-        return self._usable(self._token)
+        return not self._suspect and self._usable(self._token)
 
     # ---------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
-        self._cred = self._factory()
+        """Begin the first acquisition and the refresher; requests wait for the first token."""
+        self._wake = asyncio.Event()
         self._kick()
-        assert self._inflight is not None
-        with contextlib.suppress(Exception):
-            await asyncio.shield(self._inflight)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def wait_ready(self) -> bool:
+        """Wait for the acquisition in flight (if any); True when a valid token is at hand."""
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._inflight)
+        return self.ready()
 
     async def close(self) -> None:
         for task in (self._refresher, self._inflight):
@@ -186,10 +197,6 @@ class TokenAuth(UpstreamAuth):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        if self._cred is not None:
-            with contextlib.suppress(Exception):
-                await self._cred.close()
-            self._cred = None
 
     def status(self) -> dict[str, Any]:
         token = self._token
@@ -209,7 +216,10 @@ class TokenAuth(UpstreamAuth):
     # ---------------------------------------------------------------- acquisition
 
     def _usable(self, token: Token | None) -> bool:
-        return token is not None and token.expires_on - self._clock() > EXPIRY_MARGIN
+        if token is None:
+            return False
+        margin = min(EXPIRY_MARGIN, (token.expires_on - token.acquired_at) / 10)
+        return token.expires_on - self._clock() > margin
 
     def _kick(self) -> asyncio.Task[Token]:
         """Start an acquisition unless one is in flight: the single flight."""
@@ -219,17 +229,11 @@ class TokenAuth(UpstreamAuth):
         return self._inflight
 
     async def _acquire(self) -> Token:
-        if self._replace_credential:
-            self._replace_credential = False
-            old, self._cred = self._cred, self._factory()
-            if old is not None:
-                with contextlib.suppress(Exception):
-                    await old.close()
-        assert self._cred is not None
         self.acquisitions += 1
         try:
             async with asyncio.timeout(self.timeout):
-                access = await self._cred.get_token(self.scope)
+                async with self._factory() as credential:
+                    access = await credential.get_token(self.scope)
         except TimeoutError:
             self._failed(f"no answer from the token source within {self.timeout:g} s")
             raise
@@ -237,14 +241,14 @@ class TokenAuth(UpstreamAuth):
             self._failed(describe_credential_error(exc))
             raise
         token = Token(access.token, float(access.expires_on), self._clock())
-        fresh = self._token is None or token.value != self._token.value
-        if fresh:
-            self._token = token
-            self._header = UpstreamCredential("bearer", token.value.encode("latin-1"))
-            self._suspect = False
+        register_secret(token.value)
+        self._token = token
+        self._header = UpstreamCredential("bearer", token.value.encode("latin-1"))
+        self._suspect = False
         self._last_error = None
         self._set_state("ok", f"token acquired, valid for {token.expires_on - self._clock():.0f} s")
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
         return token
 
     def _failed(self, reason: str) -> None:
@@ -252,56 +256,57 @@ class TokenAuth(UpstreamAuth):
         self._last_error = reason
         if self._usable(self._token) and not self._suspect:
             self._set_state(
-                "degraded", f"token refresh failed ({reason}); serving the current token"
+                "degraded",
+                f"token refresh failed ({reason}); the current token is still valid and in use",
             )
         else:
             self._set_state("unavailable", f"no valid upstream token: {reason}")
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def _set_state(self, state: str, message: str) -> None:
         if state == self._state:
             return
         previous, self._state = self._state, state
-        level = logging.INFO if state == "ok" else logging.WARNING
-        if state == "unavailable":
-            level = logging.ERROR
+        level = {"ok": logging.INFO, "degraded": logging.WARNING}.get(state, logging.ERROR)
         logger.log(level, "upstream credential %s -> %s: %s", previous, state, message)
 
     def _unavailable_message(self) -> str:
         reason = self._last_error or "no token yet"
         return f"The proxy's upstream credential ({self.description}) is unavailable: {reason}."
 
-    def _next_refresh_delay(self, backoff: float) -> float:
+    def _refresh_due_in(self) -> float:
         token = self._token
-        now = self._clock()
-        if self._last_error is not None or token is None:
-            return backoff
+        assert token is not None
         lifetime = max(token.expires_on - token.acquired_at, 1.0)
         due = token.expires_on - min(REFRESH_BEFORE, lifetime / 2)
-        return max(due - now, 0.5)
+        return due - self._clock()
 
     async def _refresh_loop(self) -> None:
+        """Keep a valid token at hand: refresh before expiry, back off while failing."""
+        assert self._wake is not None
         backoff = BACKOFF_FIRST
         while True:
-            delay = self._next_refresh_delay(backoff)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
-                continue  # something changed (acquired, failed, suspect): recompute
-            before = self._token
-            try:
-                await asyncio.shield(self._kick())
-            except Exception:
-                backoff = min(backoff * 2, BACKOFF_MAX)
+            inflight = self._inflight
+            if inflight is not None and not inflight.done():
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(inflight)
                 continue
-            if self._token is before:
-                # The credential handed back the cached token: ask again in a while.
-                backoff = min(backoff * 2, BACKOFF_MAX)
-                self._last_error = None
-                await asyncio.sleep(min(backoff, 30.0))
+            if self._last_error is not None or self._token is None:
+                delay = backoff
+                backoff = min(backoff * 2, self.backoff_max)
             else:
+                # never closer than MIN_INTERVAL, even for a token that came back nearly expired
+                delay = max(self._refresh_due_in(), MIN_INTERVAL)
                 backoff = BACKOFF_FIRST
+            if delay > 0:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
+                    continue  # something changed (acquired, failed, suspect): recompute
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._kick())
 
 
 def _consume(task: asyncio.Task[Token]) -> None:
@@ -331,38 +336,47 @@ def describe_credential_error(exc: BaseException) -> str:
     if "azure cli not found" in lowered or "az: not found" in lowered:
         return "Azure CLI ('az') is not installed or not on PATH"
     name = type(exc).__name__
-    first = text.split(". ")[0][:200] if text else name
+    first = text.split(" Content: ")[0].split(". ")[0][:200] if text else name
     return f"{name}: {first}"
 
 
-def make_auth(config: UpstreamAuthConfig) -> UpstreamAuth:
+def make_auth(config: UpstreamAuthConfig, **tuning: Any) -> UpstreamAuth:
     """The :class:`UpstreamAuth` for a config; credentials are only built inside the loop."""
     if config.type == "api_key":
         assert config.api_key is not None
         return ApiKeyAuth(config.api_key)
     factory = _factory(config)
-    return TokenAuth(config.type, factory, config.scope, timeout=config.token_timeout)
+    timeout = config.token_timeout
+    if config.type == "azure_cli":
+        # Let azure-identity's own process timeout fire first: it kills the hung az process,
+        # which our cancellation would leave behind.
+        timeout = cli_process_timeout(timeout) + 2.0
+    return TokenAuth(config.type, factory, config.scope, timeout=timeout, **tuning)
 
 
 def _factory(c: UpstreamAuthConfig) -> Callable[[], AsyncTokenCredential]:
     from azure.identity import aio
 
-    authority: dict[str, Any] = {"authority": c.authority_host} if c.authority_host else {}
+    # HTTP-based credentials fail fast (no azure-core retries): the refresher retries with
+    # back-off itself, and a request waiting on a cold start should not wait through retries.
+    http: dict[str, Any] = {"retry_total": 0}
+    if c.authority_host:
+        http["authority"] = c.authority_host
     kind = c.type
 
     def build() -> AsyncTokenCredential:
         if kind == "azure_ad":
             return aio.ClientSecretCredential(
-                c.tenant_id or "", c.client_id or "", c.client_secret or "", **authority
+                c.tenant_id or "", c.client_id or "", c.client_secret or "", **http
             )
         if kind == "azure_cli":
             return aio.AzureCliCredential(
-                tenant_id=c.tenant_id or "", process_timeout=max(int(c.token_timeout), 1)
+                tenant_id=c.tenant_id or "", process_timeout=cli_process_timeout(c.token_timeout)
             )
         if kind == "azure_managed_identity":
-            return aio.ManagedIdentityCredential(client_id=c.client_id)
+            return aio.ManagedIdentityCredential(client_id=c.client_id, retry_total=0)
         if kind == "azure_workload_identity":
-            kwargs: dict[str, Any] = dict(authority)
+            kwargs: dict[str, Any] = dict(http)
             if c.tenant_id:
                 kwargs["tenant_id"] = c.tenant_id
             if c.client_id:
@@ -371,17 +385,17 @@ def _factory(c: UpstreamAuthConfig) -> Callable[[], AsyncTokenCredential]:
         if kind == "azure_certificate":
             password = c.certificate_password.encode() if c.certificate_password else None
             return aio.CertificateCredential(
-                c.tenant_id or "",
-                c.client_id or "",
-                c.certificate_path,
-                password=password,
-                **authority,
+                c.tenant_id or "", c.client_id or "", c.certificate_path, password=password, **http
             )
         if kind == "azure_default":
-            extra: dict[str, Any] = dict(authority)
             if c.client_id:
-                extra["managed_identity_client_id"] = c.client_id
-            return aio.DefaultAzureCredential(**extra)
+                http["managed_identity_client_id"] = c.client_id
+            return aio.DefaultAzureCredential(**http)
         raise ValueError(f"unknown upstream_auth.type {kind!r}")
 
     return build
+
+
+def cli_process_timeout(token_timeout: float) -> int:
+    """``az`` gets the whole timeout (whole seconds); azure-identity then kills it itself."""
+    return max(1, int(token_timeout))

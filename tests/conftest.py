@@ -1,6 +1,33 @@
-"""Shared fixtures: one event loop thread per session, loopback servers per test."""
+"""Shared fixtures: one event loop thread per session, loopback servers per test.
+
+Before anything imports aiohttp (which reads SSL_CERT_FILE once, at import), a session CA made
+with trustme becomes the only trusted root, and every Azure variable that could steer a
+credential elsewhere is cleared; managed identity points at a closed local port unless a test
+says otherwise, so nothing can ever reach 169.254.169.254.
+"""
 
 from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import trustme
+
+SESSION_CA = trustme.CA()
+_CA_DIR = tempfile.mkdtemp(prefix="claude-proxy-ca-")
+atexit.register(shutil.rmtree, _CA_DIR, True)
+CA_FILE = os.path.join(_CA_DIR, "ca.pem")
+SESSION_CA.cert_pem.write_to_path(CA_FILE)
+os.environ["SSL_CERT_FILE"] = CA_FILE
+os.environ.pop("SSL_CERT_DIR", None)
+for _name in list(os.environ):
+    if _name.startswith(("AZURE_", "IDENTITY_", "MSI_", "IMDS_")) or _name.startswith(
+        "CLAUDE_PROXY"
+    ):
+        del os.environ[_name]
+os.environ["AZURE_POD_IDENTITY_AUTHORITY_HOST"] = "http://127.0.0.1:9"
 
 import logging
 from collections.abc import Callable, Iterator

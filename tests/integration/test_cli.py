@@ -59,9 +59,21 @@ def test_help_lists_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--config", "--verbose", "--bind-address", "--port", "--upstream-url",
-                 "--client-api-key", "--upstream-auth-type", "--upstream-api-key", "--log-path",
-                 "--log-rotation", "--log-level", "--log-prefix", "--version"):
+    for flag in (
+        "--config",
+        "--verbose",
+        "--bind-address",
+        "--port",
+        "--upstream-url",
+        "--client-api-key",
+        "--upstream-auth-type",
+        "--upstream-api-key",
+        "--log-path",
+        "--log-rotation",
+        "--log-level",
+        "--log-prefix",
+        "--version",
+    ):
         assert flag in out
 
 
@@ -73,8 +85,9 @@ def test_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["-c", str(tmp_path / "missing.toml")]) == EXIT_CONFIG_ERROR
 
 
-def test_check_api_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_api_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for k, v in env_with_keys().items():
         monkeypatch.setenv(k, v)
     path = write_config(tmp_path, "https://x.services.ai.azure.com")
@@ -88,8 +101,12 @@ def test_check_api_key(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "white space" in capsys.readouterr().out
 
 
-def test_check_probe(tmp_path: Path, upstream: RawUpstream, capsys: pytest.CaptureFixture[str],
-                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_check_probe(
+    tmp_path: Path,
+    upstream: RawUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for k, v in env_with_keys().items():
         monkeypatch.setenv(k, v)
     path = write_config(tmp_path, upstream.url)
@@ -106,8 +123,12 @@ def test_check_probe(tmp_path: Path, upstream: RawUpstream, capsys: pytest.Captu
 class Proc:
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path) -> None:
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "claude_proxy", *args], env=env, cwd=cwd,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [sys.executable, "-m", "claude_proxy", *args],
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -173,8 +194,11 @@ def test_process_serves_and_drains_a_stream_on_sigterm(
 
     def handler(rec: Recorded) -> list[object]:
         if rec.target == b"/stream":
-            return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfirs\r\n", release,
-                    b"4\r\nlast\r\n0\r\n\r\n"]
+            return [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfirs\r\n",
+                release,
+                b"4\r\nlast\r\n0\r\n\r\n",
+            ]
         return [ok_response()]
 
     up = make_upstream(handler)
@@ -203,6 +227,7 @@ def test_process_serves_and_drains_a_stream_on_sigterm(
         got += chunk
     sock.close()
     assert b"last" in got
+    assert proc.p.wait(10) == 0  # exits by itself once the stream is done
     assert proc.stop() == 0
     assert CLIENT_KEY not in proc.output and UPSTREAM_KEY not in proc.output
 
@@ -246,8 +271,19 @@ def test_world_readable_config_warns(tmp_path: Path, upstream: RawUpstream, proc
 def test_log_file_and_flags(tmp_path: Path, upstream: RawUpstream, proc_factory) -> None:
     path = write_config(tmp_path, upstream.url)
     logs = tmp_path / "logs"
-    proc = proc_factory(["-c", str(path), "--log-path", str(logs), "--log-prefix", "cp",
-                         "--log-rotation", "hourly", "-v"])
+    proc = proc_factory(
+        [
+            "-c",
+            str(path),
+            "--log-path",
+            str(logs),
+            "--log-prefix",
+            "cp",
+            "--log-rotation",
+            "hourly",
+            "-v",
+        ]
+    )
     # the banner goes to the log file; wait for the file to show it
     import time
 
@@ -271,6 +307,6 @@ def test_demo_prints_a_curl_line_that_works(proc_factory) -> None:
     start = text.index("  curl -N ")
     command = text[start : text.index("\n\n", start)].replace("\\\n", " ")
     out = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=20)
-    assert "\"text_delta\", \"text\": \" mock!\"" in out.stdout, out.stdout
+    assert '"text_delta", "text": " mock!"' in out.stdout, out.stdout
     assert "message_stop" in out.stdout
     assert proc.stop() == 0

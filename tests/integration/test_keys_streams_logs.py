@@ -18,6 +18,7 @@ from ..helpers import (
     ok_response,
     raw_connect,
     request_bytes,
+    wait_until,
 )
 
 
@@ -71,8 +72,12 @@ def test_named_keys_and_access_log(upstream: RawUpstream, make_proxy, access_log
     )
     assert call(p.port, [("api-key", "nope")]).status == 401
     assert call(p.port, []).status == 200
-    lines = [r.getMessage() for r in access_log.records if r.name == "claude_proxy.access"]
-    assert len(lines) == 4
+
+    def access_lines() -> list[str]:
+        return [r.getMessage() for r in access_log.records if r.name == "claude_proxy.access"]
+
+    wait_until(lambda: len(access_lines()) == 4)  # lines are written just after the response
+    lines = access_lines()
     assert ' alice "POST /anthropic/v1/messages" 200 ' in lines[0]
     assert ' ci-bot "POST /openai/v1/x" 200 ' in lines[1]  # no query string in logs
     assert ' rejected "POST /anthropic/v1/messages" 401 ' in lines[2]
@@ -143,6 +148,7 @@ def test_no_secret_in_any_log_line(upstream: RawUpstream, make_proxy, access_log
     exchange(p.port, b"GET http://x/?k=" + CLIENT_KEY.encode() + b" HTTP/1.1\r\n\r\n")
     up_closed = make_proxy("http://127.0.0.1:9", connect_timeout=0.5)
     call(up_closed.port, [("x-api-key", CLIENT_KEY)])
+    wait_until(lambda: len(access_log.records) >= 6)
     text = (
         "\n".join(r.getMessage() + " " + str(r.__dict__) for r in access_log.records)
         + access_log.text
