@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -20,7 +21,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, supervisor
 from .config import (
     Config,
     Loaded,
@@ -132,13 +133,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
         probe = getattr(args, "probe", None)
         return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
-    configure_logging(loaded.config.logging, secrets=walk_secrets(loaded.config))
-    warn_if_readable(loaded.path)
+    worker = supervisor.worker_socket()
+    log_config = loaded.config.logging
+    if worker is not None and log_config.log_path:
+        # one file per worker: rotation by several processes of one file would collide
+        log_config = dataclasses.replace(
+            log_config, log_prefix=f"{log_config.log_prefix}-{worker[1]}"
+        )
+    configure_logging(log_config, secrets=walk_secrets(loaded.config))
+    if worker is None:
+        warn_if_readable(loaded.path)
+        if loaded.config.workers > 1:
+            if not supervisor.supported():
+                logger.error("workers > 1 needs Linux or macOS; run one process per port instead")
+                return EXIT_CONFIG_ERROR
+            return supervisor.Supervisor(loaded.config, argv).run()
 
     def reload() -> Loaded:
         return load_config(getattr(args, "config", None), overrides_from(args))
 
-    return run(serve(loaded, reload))
+    sock = socket.socket(fileno=worker[0]) if worker is not None else None
+    return run(serve(loaded, reload, sock))
 
 
 def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
@@ -212,11 +227,16 @@ def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
     return "\n".join(lines)
 
 
-async def serve(loaded: Loaded, reload: Callable[[], Loaded]) -> int:
-    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads keys and log level."""
+async def serve(
+    loaded: Loaded, reload: Callable[[], Loaded], sock: socket.socket | None = None
+) -> int:
+    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads keys and log level.
+
+    ``sock``: an already listening socket (a worker under the supervisor).
+    """
     config = loaded.config
     auth = make_auth(config.upstream_auth)
-    server = ProxyServer(config, auth)
+    server = ProxyServer(config, auth, sock=sock)
     try:
         await server.start()
     except OSError as exc:
@@ -351,7 +371,7 @@ async def demo(port: int, verbose: bool) -> int:
     )
     configure_logging(config.logging, verbose=verbose)
     runner, mock_port = await start_mock(MockFoundry(api_key=DEMO_UPSTREAM_KEY))
-    config = _replace(config, upstream_url=f"http://127.0.0.1:{mock_port}")
+    config = dataclasses.replace(config, upstream_url=f"http://127.0.0.1:{mock_port}")
     server = ProxyServer(config, make_auth(config.upstream_auth))
     try:
         await server.start()
@@ -376,12 +396,6 @@ async def demo(port: int, verbose: bool) -> int:
         await server.shutdown(2.0)
         await runner.cleanup()
     return EXIT_OK
-
-
-def _replace(config: Config, **changes: Any) -> Config:
-    import dataclasses
-
-    return dataclasses.replace(config, **changes)
 
 
 def _free_port() -> int:

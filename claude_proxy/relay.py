@@ -217,7 +217,7 @@ class Exchange:
         if conn.reused and not self.retried:
             self.replay = out[:]
             self.replay_bytes = sum(len(b) for b in out)
-        conn.transport.writelines(out)  # type: ignore[union-attr]
+        conn.write(b"".join(out) if len(out) > 1 else out[0])
         self.wrote_upstream = True
         self.sent_all = self.request_done
         if self.head.expect_continue and not self.request_done:

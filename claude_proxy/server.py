@@ -23,6 +23,7 @@ from typing import Any, Final, cast
 
 import httptools
 
+from .batching import Batched
 from .client_auth import KeyRing
 from .config import Config
 from .credentials import UpstreamAuth
@@ -95,7 +96,7 @@ class ServerState:
         return sum(1 for c in self.connections if c.active is not None)
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(Batched, asyncio.Protocol):
     """One client's TCP (or TLS) connection, speaking HTTP/1.1."""
 
     __slots__ = (
@@ -118,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
+        Batched.__init__(self, state.pool.batch)
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -153,6 +155,14 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._head_bytes >= 0:
             self._head_bytes += len(data)
+        opened = self.batch.begin()
+        try:
+            self._feed(data)
+        finally:
+            if opened:
+                self.batch.end()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -254,16 +264,14 @@ class ClientConnection(asyncio.Protocol):
 
     # ---------------------------------------------------------------- used by Exchange
 
-    def write(self, data: bytes) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(data)
-
     def close(self) -> None:
+        """Close after what has been written, batched writes included."""
+        self.flush()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._out = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -337,8 +345,8 @@ class ClientConnection(asyncio.Protocol):
             self.active.close_after = True  # let the earlier response end, then close
             self.pause_reading_for(self.active, PAUSE_PIPELINE)
             return
-        self.transport.write(render_error(error, family_of(self._url, False), close=True))
-        self.transport.close()
+        self.write(render_error(error, family_of(self._url, False), close=True))
+        self.close()
         self.active = self._reading = None
 
     def _peer(self) -> str:

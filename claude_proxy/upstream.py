@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from .batching import Batch, Batched
+
 if TYPE_CHECKING:
     from .relay import Exchange
 
@@ -27,7 +29,7 @@ class _HeadResponseDone(Exception):
     """Stops llhttp after the head of a response to HEAD: it cannot be told there is no body."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(Batched, asyncio.Protocol):
     __slots__ = (
         "_headers",
         "_in_body",
@@ -46,6 +48,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        Batched.__init__(self, pool.batch)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.exchange: Exchange | None = None
@@ -70,17 +73,20 @@ class UpstreamConnection(asyncio.Protocol):
             # Bytes on an idle connection cannot belong to any request: never reuse it.
             self.close()
             return
+        opened = self.batch.begin()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadResponseDone):
-                return
-            logger.error("internal error while relaying a response", exc_info=exc.__context__)
-            exchange.upstream_broken("the proxy failed while relaying the response")
+            if not isinstance(exc.__context__, _HeadResponseDone):
+                logger.error("internal error while relaying a response", exc_info=exc.__context__)
+                exchange.upstream_broken("the proxy failed while relaying the response")
         except httptools.HttpParserUpgrade:
             exchange.upstream_broken("the upstream switched protocols, which is not supported")
         except httptools.HttpParserError as exc:
             exchange.upstream_broken(f"the upstream sent a malformed response ({exc})")
+        finally:
+            if opened:
+                self.batch.end()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost follows
@@ -151,13 +157,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.read_paused = False
             self.transport.resume_reading()
 
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
     def close(self) -> None:
         """Abort: used whenever the connection's state is not known to be clean."""
         self.exchange = None
+        self._out = None
         if self.transport is not None and not self.closed:
             self.closed = True
             self.transport.abort()
@@ -208,6 +211,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.ssl = (ssl_context or client_ssl_context()) if origin.tls else None
+        self.batch = Batch()
         self._idle: list[UpstreamConnection] = []
         self._loop = asyncio.get_running_loop()
         self.connects = 0

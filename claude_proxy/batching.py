@@ -1,0 +1,61 @@
+"""Write batching: what one read causes to be written goes out as one write.
+
+Relaying a small request takes a request head and a body to the upstream, and a response head
+and a body back; written one by one, each is a system call. While a protocol handles a read,
+writes to any connection are collected and sent, one write per connection, when the read has
+been handled. Nothing waits longer than the read that caused it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+
+class Batch:
+    """The batch of one event loop: open while a read is being handled."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending: list[Batched] | None = None
+
+    def begin(self) -> bool:
+        """Open the batch; False when it is already open (the caller must not end it)."""
+        if self.pending is not None:
+            return False
+        self.pending = []
+        return True
+
+    def end(self) -> None:
+        pending, self.pending = self.pending, None
+        for writer in pending or ():
+            writer.flush()
+
+
+class Batched:
+    """Mixin for a protocol whose writes go through the batch."""
+
+    __slots__ = ("_out", "batch")
+    transport: asyncio.Transport | None
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+        self._out: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        pending = self.batch.pending
+        if pending is None:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+        elif self._out is None:
+            self._out = [data]
+            pending.append(self)
+        else:
+            self._out.append(data)
+
+    def flush(self) -> None:
+        out, self._out = self._out, None
+        transport = self.transport
+        if out and transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
