@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
         probe = getattr(args, "probe", None)
         return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
-    worker = supervisor.worker_socket()
+    worker = supervisor.worker_sockets()
     log_config = loaded.config.logging
     if worker is not None and log_config.log_path:
         # one file per worker: rotation by several processes of one file would collide
@@ -147,13 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not supervisor.supported():
                 logger.error("workers > 1 needs Linux or macOS; run one process per port instead")
                 return EXIT_CONFIG_ERROR
-            return supervisor.Supervisor(loaded.config, argv).run()
+            with supervisor.multiprocess_dir():
+                return run(supervisor.Supervisor(loaded.config, argv).run())
 
     def reload() -> Loaded:
         return load_config(getattr(args, "config", None), overrides_from(args))
 
-    sock = socket.socket(fileno=worker[0]) if worker is not None else None
-    return run(serve(loaded, reload, sock))
+    sockets = [socket.socket(fileno=fd) for fd in worker[0]] if worker is not None else []
+    return run(serve(loaded, reload, sockets))
 
 
 def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
@@ -228,15 +229,16 @@ def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
 
 
 async def serve(
-    loaded: Loaded, reload: Callable[[], Loaded], sock: socket.socket | None = None
+    loaded: Loaded, reload: Callable[[], Loaded], sockets: Sequence[socket.socket] = ()
 ) -> int:
-    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads keys and log level.
+    """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads keys, log level and TLS certificate.
 
-    ``sock``: an already listening socket (a worker under the supervisor).
+    ``sockets``: already listening sockets (a worker under the supervisor, which also serves
+    the admin listener).
     """
     config = loaded.config
     auth = make_auth(config.upstream_auth)
-    server = ProxyServer(config, auth, sock=sock)
+    server = ProxyServer(config, auth, sockets=sockets, serve_admin=not sockets)
     try:
         await server.start()
     except OSError as exc:
@@ -244,6 +246,12 @@ async def serve(
         await auth.close()
         return EXIT_STARTUP_FAILURE
     logger.info("%s", banner(loaded, server, auth))
+    if server.admin is not None:
+        logger.info(
+            "admin listener on http://%s:%d (/healthz, /readyz, /metrics)",
+            config.admin.bind_address,
+            server.admin.port,
+        )
     if config.client_keys() == () and config.bind_address not in ("127.0.0.1", "::1", "localhost"):
         logger.warning(
             "no client keys are configured and the proxy listens on %s: anyone who "

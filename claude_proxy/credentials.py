@@ -34,6 +34,8 @@ from .logs import register_secret
 if TYPE_CHECKING:
     from azure.core.credentials_async import AsyncTokenCredential
 
+    from .metrics import Metrics
+
 logger = logging.getLogger(__name__)
 
 # A token this close to expiry is no longer handed out.
@@ -50,6 +52,7 @@ class UpstreamAuth:
     """How the proxy authenticates to the upstream; ``credential_now`` is on the hot path."""
 
     description = "none"
+    metrics: Metrics | None = None
 
     def credential_now(self) -> UpstreamCredential | None:
         """The credential to send, or None when one is being fetched (then ``credential_wait``).
@@ -66,6 +69,10 @@ class UpstreamAuth:
 
     def ready(self) -> bool:
         return True
+
+    @property
+    def token_expires_on(self) -> float | None:
+        return None
 
     async def start(self) -> None:
         """Called inside the running loop before the listener opens."""
@@ -230,6 +237,8 @@ class TokenAuth(UpstreamAuth):
 
     async def _acquire(self) -> Token:
         self.acquisitions += 1
+        if self.metrics is not None:
+            self.metrics.acquisitions.inc()
         try:
             async with asyncio.timeout(self.timeout):
                 async with self._factory() as credential:
@@ -253,6 +262,8 @@ class TokenAuth(UpstreamAuth):
 
     def _failed(self, reason: str) -> None:
         self.failures += 1
+        if self.metrics is not None:
+            self.metrics.failures.inc()
         self._last_error = reason
         if self._usable(self._token) and not self._suspect:
             self._set_state(

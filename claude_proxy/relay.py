@@ -21,6 +21,7 @@ from . import headers as hdr
 from .client_auth import PASSTHROUGH, REJECTED, authenticate, presented
 from .errors import (
     BadRequest,
+    CredentialUnavailable,
     ProxyError,
     Unauthorized,
     UpstreamTimeout,
@@ -28,7 +29,9 @@ from .errors import (
     family_of,
     render_error,
 )
+from .metrics import route_of
 from .upstream import UpstreamConnection
+from .usage import UsageReader, reader_for
 
 if TYPE_CHECKING:
     from .server import ClientConnection, RequestHead, ServerState
@@ -75,11 +78,13 @@ class Exchange:
         "sent_all",
         "state",
         "status",
+        "streaming",
         "t_first",
         "t_start",
         "task",
         "upstream",
         "upstream_head",
+        "usage",
         "watch_bytes",
         "watch_since",
         "wrote_error",
@@ -112,6 +117,8 @@ class Exchange:
         self.close_after = not head.keep_alive
         self.discarded = 0
         self.status = 0
+        self.usage: UsageReader | None = None
+        self.streaming = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.t_start = time.perf_counter()
@@ -157,14 +164,20 @@ class Exchange:
             self.respond_error(exc)
             return
         except TimeoutError:
+            self._upstream_error("connect_timeout")
             self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
             return
         except OSError as exc:
+            self._upstream_error("connect_refused")
             self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
             return
         finally:
             self.task = None
         self._attach(conn)
+
+    def _upstream_error(self, kind: str) -> None:
+        if self.state.metrics is not None:
+            self.state.metrics.upstream_error(kind)
 
     def _build_upstream_head(self) -> None:
         state = self.state
@@ -191,9 +204,11 @@ class Exchange:
         try:
             conn = await self.state.pool.connect()
         except TimeoutError:
+            self._upstream_error("connect_timeout")
             self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
             return
         except OSError as exc:
+            self._upstream_error("connect_refused")
             self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
             return
         finally:
@@ -287,6 +302,9 @@ class Exchange:
         elif has_body and not chunked and hdr.content_length(headers) is None:
             self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
+        if self.state.read_usage and has_body:
+            self.usage = reader_for(headers)
+            self.streaming = self.usage is not None and self.usage.stream
         if self.client.draining:
             self.close_after = True
         self.client.write(
@@ -303,6 +321,8 @@ class Exchange:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.client.write(data)
+        if self.usage is not None:
+            self.usage.feed(data)  # after the write: the client never waits for this
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
         if self.chunked_out:
@@ -331,6 +351,7 @@ class Exchange:
             if self.replay is not None and conn.reused and not self.retried:
                 self._retry()
                 return
+            self._upstream_error("closed")
             self.respond_error(
                 UpstreamUnavailable("The upstream closed the connection before sending a response.")
             )
@@ -340,6 +361,7 @@ class Exchange:
             self.client.close()
             self._finish()
             return
+        self._upstream_error("closed")
         self._abort_client("the upstream closed the connection mid-response")
 
     def upstream_broken(self, reason: str) -> None:
@@ -350,6 +372,7 @@ class Exchange:
             upstream.close()
         if self.finished:
             return
+        self._upstream_error("malformed")
         if self.response_started:
             self._abort_client(reason)
         else:
@@ -387,6 +410,8 @@ class Exchange:
         """Answer with a proxy-made error, unless a response has already begun."""
         if self.finished or self.response_started:
             return
+        if isinstance(error, CredentialUnavailable):
+            self._upstream_error("credential")
         self.status = error.status
         self.response_started = True
         self.response_done = True
@@ -436,6 +461,7 @@ class Exchange:
             return
         if now - self.watch_since < idle_timeout:
             return
+        self._upstream_error("idle_timeout")
         if self.response_started:
             self._abort_client(f"no data for {idle_timeout:g} s")
         else:
@@ -457,7 +483,26 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
-        if self.state.access_log:
+        usage = self.usage
+        if usage is not None:
+            usage.finish()
+        state = self.state
+        metrics = state.metrics
+        if metrics is not None:
+            now = time.perf_counter()
+            name = self.key_name or PASSTHROUGH
+            metrics.observe(
+                route_of(self.head.target),
+                self.status,
+                name,
+                self.t_first - self.t_start if self.t_first else -1.0,
+                now - self.t_start,
+                self.bytes_in,
+                self.bytes_out,
+            )
+            if usage is not None and usage.counts:
+                metrics.usage(name, usage.model, usage.counts)
+        if state.access_log:
             self._log_access()
         self.client.exchange_finished(self)
 
@@ -467,8 +512,15 @@ class Exchange:
         name = self.key_name or PASSTHROUGH
         path = self.head.target.split(b"?", 1)[0].decode("latin-1")
         rid = self.state.next_request_id()
+        usage = self.usage
+        tokens = ""
+        if usage is not None and usage.counts:
+            counts = usage.counts
+            tokens = f" model={usage.model or '-'} tokens_in={counts.get('input', 0)}" + (
+                f" tokens_out={counts.get('output', 0)}"
+            )
         access_logger.info(
-            '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms',
+            '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms%s',
             rid,
             name,
             self.head.method.decode("latin-1"),
@@ -478,7 +530,14 @@ class Exchange:
             self.bytes_out,
             ttfb,
             (now - self.t_start) * 1000,
-            extra={"request_id": rid, "client_key": name, "status": self.status},
+            tokens,
+            extra={
+                "request_id": rid,
+                "client_key": name,
+                "status": self.status,
+                "model": usage.model if usage else None,
+                "tokens": dict(usage.counts) if usage else {},
+            },
         )
 
 

@@ -16,13 +16,15 @@ import os
 import secrets
 import socket
 import ssl
+import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import httptools
 
+from .admin import AdminServer
 from .batching import Batched
 from .client_auth import KeyRing
 from .config import Config
@@ -36,6 +38,7 @@ from .errors import (
     render_error,
 )
 from .headers import is_chunked
+from .metrics import Metrics, exposition
 from .relay import Exchange
 from .upstream import Origin, UpstreamPool
 
@@ -61,8 +64,15 @@ class RequestHead:
 class ServerState:
     """What every connection shares: config, keys, credential, pool, and owned tasks."""
 
-    def __init__(self, config: Config, auth: UpstreamAuth, pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        config: Config,
+        auth: UpstreamAuth,
+        pool: UpstreamPool,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.keyring = KeyRing(config.client_keys())
         self.auth = auth
         self.pool = pool
@@ -71,8 +81,8 @@ class ServerState:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
         self.drained = asyncio.Event()
-        self.access_log = logging.getLogger("claude_proxy.access").isEnabledFor(logging.INFO)
         self._ids = itertools.count(1)
+        self._update_logging()
         self._id_prefix = secrets.token_hex(3)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -89,11 +99,22 @@ class ServerState:
         """Take new client keys and log settings without touching open connections."""
         self.config = config
         self.keyring = KeyRing(config.client_keys())
-        self.access_log = logging.getLogger("claude_proxy.access").isEnabledFor(logging.INFO)
+        self._update_logging()
 
-    @property
-    def active_exchanges(self) -> int:
+    def _update_logging(self) -> None:
+        access = logging.getLogger("claude_proxy.access")
+        self.access_log = access.isEnabledFor(logging.INFO) and not access.disabled
+        self.read_usage = self.access_log or self.metrics is not None
+
+    def in_flight(self) -> int:
         return sum(1 for c in self.connections if c.active is not None)
+
+    def open_streams(self) -> int:
+        return sum(
+            1
+            for c in self.connections
+            if c.active is not None and c.active.streaming and not c.active.response_done
+        )
 
 
 class ClientConnection(Batched, asyncio.Protocol):
@@ -370,21 +391,26 @@ class ProxyServer:
         config: Config,
         auth: UpstreamAuth,
         *,
-        sock: socket.socket | None = None,
+        sockets: Sequence[socket.socket] = (),
         upstream_ssl: ssl.SSLContext | None = None,
-        tls_context: ssl.SSLContext | None = None,
+        serve_admin: bool = True,
     ) -> None:
+        """``sockets``: already listening sockets (plain, then TLS) handed over by the
+        supervisor; ``serve_admin`` False leaves the admin listener to the supervisor."""
         self.config = config
         self.auth = auth
-        self._sock = sock
+        self._sockets = list(sockets)
         self._upstream_ssl = upstream_ssl
-        self._tls_context = tls_context
+        self._serve_admin = serve_admin
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
+        self.tls_context: ssl.SSLContext | None = None
+        self.metrics = Metrics() if config.admin.port is not None else None
+        self.admin: AdminServer | None = None
         self.state: ServerState | None = None
 
     async def start(self) -> None:
-        """Start the credential, bind the listener(s) and the timeout sweeper."""
+        """Start the credential, bind the listener(s), the admin listener and the sweeper."""
         config = self.config
         pool = UpstreamPool(
             Origin(config.upstream_url),
@@ -392,27 +418,49 @@ class ProxyServer:
             idle_timeout=config.pool_idle_timeout,
             ssl_context=self._upstream_ssl,
         )
-        self.state = state = ServerState(config, self.auth, pool)
+        self.state = state = ServerState(config, self.auth, pool, self.metrics)
+        self.auth.metrics = self.metrics
+        if self.metrics is not None:
+            self.metrics.bind_state(self.gauges)
         await self.auth.start()
         loop = asyncio.get_running_loop()
         factory = lambda: ClientConnection(state)  # noqa: E731
-        if self._sock is not None:
-            server = await loop.create_server(factory, sock=self._sock, backlog=2048)
+        if config.tls.mode == "manual":
+            self.tls_context = server_tls_context(config)
+        plain_sock = self._sockets[0] if self._sockets else None
+        tls_sock = self._sockets[1] if len(self._sockets) > 1 else None
+        if plain_sock is not None:
+            self._servers.append(await loop.create_server(factory, sock=plain_sock, backlog=2048))
         else:
-            server = await loop.create_server(
-                factory, config.bind_address, config.port, backlog=2048, reuse_address=True
+            self._servers.append(
+                await loop.create_server(
+                    factory, config.bind_address, config.port, backlog=2048, reuse_address=True
+                )
             )
-        self._servers.append(server)
-        if self._tls_context is not None:
-            tls_server = await loop.create_server(
-                factory,
-                config.bind_address,
-                config.tls.https_port,
-                ssl=self._tls_context,
-                backlog=2048,
-                reuse_address=True,
+        if self.tls_context is not None:
+            if tls_sock is not None:
+                tls = await loop.create_server(
+                    factory, sock=tls_sock, ssl=self.tls_context, backlog=2048
+                )
+            else:
+                tls = await loop.create_server(
+                    factory,
+                    config.bind_address,
+                    config.tls.https_port,
+                    ssl=self.tls_context,
+                    backlog=2048,
+                    reuse_address=True,
+                )
+            self._servers.append(tls)
+        if self.metrics is not None and self._serve_admin and config.admin.port is not None:
+            metrics = self.metrics
+            self.admin = AdminServer(
+                config.admin.bind_address,
+                config.admin.port,
+                lambda: exposition(metrics),
+                self.readiness,
             )
-            self._servers.append(tls_server)
+            await self.admin.start()
         self._sweeper = loop.create_task(self._sweep())
 
     @property
@@ -425,6 +473,25 @@ class ProxyServer:
         if len(self._servers) < 2:
             return None
         return int(self._servers[1].sockets[0].getsockname()[1])
+
+    def readiness(self) -> tuple[bool, str]:
+        """Ready: an upstream credential is at hand and the proxy is not draining."""
+        if self.state is None or self.state.draining:
+            return False, "draining"
+        if not self.auth.ready():
+            return False, "no valid upstream credential"
+        return True, "ok"
+
+    def gauges(self) -> tuple[float, float, float, float]:
+        state = self.state
+        assert state is not None
+        expires = self.auth.token_expires_on
+        return (
+            float(state.in_flight()),
+            float(state.open_streams()),
+            expires - time.time() if expires is not None else float("nan"),
+            1.0 if self.readiness()[0] else 0.0,
+        )
 
     def _sweep_interval(self) -> float:
         c = self.config
@@ -440,11 +507,21 @@ class ProxyServer:
             now = loop.time()
             for conn in list(state.connections):
                 conn.check_timeouts(now)
+            if self.metrics is not None:
+                self.metrics.refresh()
 
     def reload(self, config: Config) -> None:
+        """New client keys, log settings and TLS certificate; the rest needs a restart."""
         assert self.state is not None
         self.config = config
         self.state.reload(config)
+        if self.tls_context is not None and config.tls.mode == "manual":
+            try:
+                load_certificate(self.tls_context, config)
+            except (OSError, ssl.SSLError) as exc:
+                logger.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+            else:
+                logger.info("TLS certificate reloaded from %s", config.tls.cert_path)
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, drain in-flight exchanges up to ``timeout``, then abort the rest.
@@ -456,6 +533,8 @@ class ProxyServer:
             return True
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         state.draining = True
+        if self.metrics is not None:
+            self.metrics.refresh()
         for server in self._servers:
             server.close()
         for conn in list(state.connections):
@@ -475,6 +554,8 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         state.pool.close()
+        if self.admin is not None:
+            await self.admin.close()
         await self.auth.close()
         return drained
 
@@ -488,6 +569,19 @@ class ProxyServer:
         except TimeoutError:
             return False
         return True
+
+
+def load_certificate(context: ssl.SSLContext, config: Config) -> None:
+    assert config.tls.cert_path is not None
+    context.load_cert_chain(config.tls.cert_path, config.tls.key_path)
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    """The client-facing TLS context; ``load_cert_chain`` again on reload swaps the cert."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.set_alpn_protocols(["http/1.1"])
+    load_certificate(context, config)
+    return context
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -9,6 +9,8 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -310,3 +312,52 @@ def test_demo_prints_a_curl_line_that_works(proc_factory) -> None:
     assert '"text_delta", "text": " mock!"' in out.stdout, out.stdout
     assert "message_stop" in out.stdout
     assert proc.stop() == 0
+
+
+def children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_workers_share_the_port_are_replaced_and_aggregate_metrics(
+    tmp_path: Path, upstream: RawUpstream, proc_factory
+) -> None:
+    from ..helpers import wait_until
+    from .test_ops import metric
+
+    path = write_config(tmp_path, upstream.url, "workers = 2\n[admin]\nport = 0")
+    proc = proc_factory(["-c", str(path)])
+    match = proc.wait_line(r"2 workers listening on http://[\d.]+:(\d+), admin on port (\d+)")
+    port, admin = int(match.group(1)), int(match.group(2))
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    wait_until(lambda: get("/readyz")[0] == 200, timeout=15)
+    for _ in range(20):
+        resp = exchange(
+            port, request_bytes("POST", "/v1/messages", [("x-api-key", CLIENT_KEY)], b"{}")
+        )
+        assert resp.status == 200
+    wait_until(
+        lambda: metric(get("/metrics")[1], "claude_proxy_requests_total", client="default") == 20
+    )
+    workers = children(proc.p.pid)
+    assert len(workers) == 2
+    victim = min(workers)
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(children(proc.p.pid) - {victim}) == 2, timeout=15)
+    wait_until(lambda: get("/readyz")[0] == 200, timeout=15)
+    assert (
+        exchange(port, request_bytes("POST", "/x", [("x-api-key", CLIENT_KEY)], b"{}")).status
+        == 200
+    )
+    assert "exited with -9; starting a new one" in proc.output
+    proc.p.send_signal(signal.SIGTERM)
+    assert proc.p.wait(20) == 0
+    assert "all workers stopped" in proc.output

@@ -1,0 +1,119 @@
+"""Token usage read on the side from responses, without touching a byte sent to the client.
+
+Pure: the relay feeds the same body bytes it has already written. JSON bodies are kept (up to
+:data:`MAX_JSON`) and parsed once complete; event streams are scanned per chunk, and only the
+``data:`` lines that mention ``"usage"`` are parsed. Compressed or other content is never read.
+
+What is recognised:
+
+* Anthropic JSON and ``message_start`` / ``message_delta`` events (``input_tokens``,
+  ``output_tokens``, ``cache_read_input_tokens``, ``cache_creation_input_tokens``);
+* OpenAI chat completions JSON and the final chunk (``prompt_tokens``, ``completion_tokens``);
+* OpenAI responses JSON and ``response.completed`` (``input_tokens``, ``output_tokens``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, Final
+
+MAX_JSON: Final = 4 * 1024 * 1024
+MAX_LINE: Final = 1024 * 1024
+KINDS: Final = ("input", "output", "cache_read", "cache_write")
+
+
+def reader_for(headers: Sequence[tuple[bytes, bytes]]) -> UsageReader | None:
+    """A reader when the response is plain JSON or an event stream, else None."""
+    ctype = b""
+    for name, value in headers:
+        lname = name.lower()
+        if lname == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+            return None
+        if lname == b"content-type":
+            ctype = value.lower()
+    if ctype.startswith(b"text/event-stream"):
+        return UsageReader(stream=True)
+    if ctype.startswith(b"application/json"):
+        return UsageReader(stream=False)
+    return None
+
+
+class UsageReader:
+    __slots__ = ("_body", "_size", "counts", "model", "stream")
+
+    def __init__(self, *, stream: bool) -> None:
+        self.stream = stream
+        self._body: list[bytes] | None = []
+        self._size = 0
+        self.counts: dict[str, int] = {}
+        self.model: str | None = None
+
+    def feed(self, data: bytes) -> None:
+        body = self._body
+        if body is None:
+            return
+        if not self.stream:
+            self._size += len(data)
+            if self._size > MAX_JSON:
+                self._body = None
+            else:
+                body.append(data)
+            return
+        if body:  # an unfinished line from the previous chunk
+            data = b"".join((*body, data))
+            body.clear()
+        end = data.rfind(b"\n")
+        if end < 0:
+            if len(data) < MAX_LINE:
+                body.append(data)
+            return
+        if end + 1 < len(data):
+            body.append(data[end + 1 :])
+        if data.find(b'"usage"', 0, end) >= 0:
+            for line in data[:end].split(b"\n"):
+                # OpenAI repeats "usage": null in every chunk but the last: not worth a parse
+                if (
+                    line.startswith(b"data:")
+                    and b'"usage"' in line
+                    and b'"usage":null' not in line
+                    and b'"usage": null' not in line
+                ):
+                    self._take(line[5:])
+
+    def finish(self) -> None:
+        """Call once the response is complete (JSON is only parsed then)."""
+        if not self.stream and self._body:
+            self._take(b"".join(self._body))
+        self._body = None
+
+    def _take(self, raw: bytes) -> None:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        for holder in (doc, doc.get("message"), doc.get("response")):
+            if isinstance(holder, dict):
+                self._read(holder)
+
+    def _read(self, holder: dict[str, Any]) -> None:
+        model = holder.get("model")
+        if isinstance(model, str) and model:
+            self.model = model[:200]
+        usage = holder.get("usage")
+        if not isinstance(usage, dict):
+            return
+        for key, kind in (
+            ("input_tokens", "input"),
+            ("prompt_tokens", "input"),
+            ("output_tokens", "output"),
+            ("completion_tokens", "output"),
+            ("cache_read_input_tokens", "cache_read"),
+            ("cache_creation_input_tokens", "cache_write"),
+        ):
+            value = usage.get(key)
+            # Anthropic's message_delta repeats totals so far: the latest value wins.
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                self.counts[kind] = value

@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client import generate_latest
+
+from claude_proxy.metrics import MAX_MODELS, Metrics, route_of
+from claude_proxy.usage import reader_for
+
+SSE = [(b"Content-Type", b"text/event-stream; charset=utf-8")]
+JSON = [(b"content-type", b"application/json")]
+
+
+def sse(event: str, doc: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(doc)}\n\n".encode()
+
+
+ANTHROPIC_STREAM = b"".join(
+    [
+        sse(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "model": "claude-sonnet-4-5",
+                    "usage": {"input_tokens": 25, "output_tokens": 1, "cache_read_input_tokens": 7},
+                },
+            },
+        ),
+        sse(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "delta": {"type": "text_delta", "text": 'say "usage": 1'},
+            },
+        ),
+        sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 5}}),
+        sse("message_delta", {"type": "message_delta", "usage": {"output_tokens": 12}}),
+        sse("message_stop", {"type": "message_stop"}),
+    ]
+)
+
+OPENAI_STREAM = b"".join(
+    [b'data: {"model":"gpt-4o","choices":[{"delta":{"content":"x"}}],"usage":null}\n\n'] * 3
+    + [
+        b'data: {"model":"gpt-4o","choices":[],"usage":{"prompt_tokens":9,'
+        b'"completion_tokens":4,"total_tokens":13}}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+)
+
+RESPONSES_STREAM = b"".join(
+    [
+        sse(
+            "response.created",
+            {"type": "response.created", "response": {"model": "o4", "usage": None}},
+        ),
+        sse(
+            "response.completed",
+            {
+                "type": "response.completed",
+                "response": {"model": "o4", "usage": {"input_tokens": 3, "output_tokens": 8}},
+            },
+        ),
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("stream", "model", "counts"),
+    [
+        (ANTHROPIC_STREAM, "claude-sonnet-4-5", {"input": 25, "output": 12, "cache_read": 7}),
+        (OPENAI_STREAM, "gpt-4o", {"input": 9, "output": 4}),
+        (RESPONSES_STREAM, "o4", {"input": 3, "output": 8}),
+    ],
+)
+@pytest.mark.parametrize("split", [1, 7, 64, 10_000])
+def test_streams_any_split(stream: bytes, model: str, counts: dict, split: int) -> None:
+    reader = reader_for(SSE)
+    assert reader is not None
+    for i in range(0, len(stream), split):
+        reader.feed(stream[i : i + split])
+    reader.finish()
+    assert reader.model == model
+    assert reader.counts == counts
+
+
+@pytest.mark.parametrize(
+    ("doc", "counts"),
+    [
+        (
+            {
+                "model": "claude-x",
+                "content": [{"type": "text", "text": "hi"}],
+                "usage": {
+                    "input_tokens": 10,
+                    "output_tokens": 20,
+                    "cache_creation_input_tokens": 3,
+                },
+            },
+            {"input": 10, "output": 20, "cache_write": 3},
+        ),
+        (
+            {
+                "model": "gpt-x",
+                "choices": [],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2},
+            },
+            {"input": 1, "output": 2},
+        ),
+        (
+            {"model": "o4", "output": [], "usage": {"input_tokens": 4, "output_tokens": 5}},
+            {"input": 4, "output": 5},
+        ),
+        ({"error": {"message": "nope"}}, {}),
+        ({"usage": {"input_tokens": True, "output_tokens": -1}}, {}),
+    ],
+)
+def test_json_bodies(doc: dict, counts: dict) -> None:
+    body = json.dumps(doc).encode()
+    reader = reader_for(JSON)
+    assert reader is not None
+    reader.feed(body[:10])
+    reader.feed(body[10:])
+    assert reader.counts == {}  # nothing is parsed before the end
+    reader.finish()
+    assert reader.counts == counts
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [(b"Content-Type", b"application/json"), (b"Content-Encoding", b"gzip")],
+        [(b"Content-Type", b"text/event-stream"), (b"content-encoding", b"br")],
+        [(b"Content-Type", b"text/plain")],
+        [(b"Content-Type", b"application/octet-stream")],
+        [],
+    ],
+)
+def test_not_read(headers: list[tuple[bytes, bytes]]) -> None:
+    assert reader_for(headers) is None
+
+
+def test_garbage_is_ignored() -> None:
+    reader = reader_for(SSE)
+    assert reader is not None
+    reader.feed(b'data: {"usage": {broken\n\ndata: [1, 2]\n\n' + b"x" * 100)
+    reader.finish()
+    assert reader.counts == {} and reader.model is None
+    reader = reader_for(JSON)
+    assert reader is not None
+    reader.feed(b'{"usage": ')
+    reader.finish()
+    assert reader.counts == {}
+
+
+@pytest.mark.parametrize(
+    ("path", "route"),
+    [
+        (b"/anthropic/v1/messages", "anthropic"),
+        (b"/v1/messages?beta=true", "anthropic"),
+        (b"/openai/v1/responses", "openai"),
+        (b"/v1/chat/completions", "openai"),
+        (b"/healthz", "other"),
+    ],
+)
+def test_route_of(path: bytes, route: str) -> None:
+    assert route_of(path) == route
+
+
+def test_metric_labels_stay_bounded() -> None:
+    metrics = Metrics()
+    for i in range(MAX_MODELS + 50):
+        metrics.usage("alice", f"model-{i}", {"input": 1})
+    text = generate_latest(metrics.registry).decode()
+    models = {
+        line.split('model="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("claude_proxy_tokens_total{")
+    }
+    assert len(models) == MAX_MODELS + 1 and "other" in models
+    metrics.observe("anthropic", 200, "alice", 0.01, 0.02, 10, 20)
+    metrics.observe("anthropic", 503, "alice", -1.0, 0.02, 10, 20)
+    text = generate_latest(metrics.registry).decode()
+    assert 'claude_proxy_requests_total{client="alice",route="anthropic",status="2xx"} 1.0' in text
+    assert 'claude_proxy_requests_total{client="alice",route="anthropic",status="5xx"} 1.0' in text
+    assert 'claude_proxy_time_to_first_byte_seconds_count{route="anthropic"} 1.0' in text
