@@ -287,7 +287,8 @@ class Exchange:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         if status < 200:
-            if status != 100:  # 100 was ours to send; 103 and others go through
+            # 100 was ours to send, 101 was never asked for (llhttp stops there); 103 goes on
+            if status not in (100, 101):
                 self.client.write(hdr.interim_response_head(status, reason, headers))
             return
         self.replay = None
@@ -435,6 +436,11 @@ class Exchange:
         self.close_after = True
         self.client.abort()
         self._finish()
+
+    def abandon(self, status: int) -> None:
+        """The request turned out malformed: drop everything bound for the upstream."""
+        self.status = status
+        self.client_lost()
 
     def client_lost(self) -> None:
         """The client went away: stop everything on its behalf at once."""

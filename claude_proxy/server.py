@@ -37,7 +37,7 @@ from .errors import (
     family_of,
     render_error,
 )
-from .headers import is_chunked
+from .headers import content_length, is_chunked
 from .metrics import Metrics, exposition
 from .relay import Exchange
 from .upstream import Origin, UpstreamPool
@@ -123,6 +123,7 @@ class ClientConnection(Batched, asyncio.Protocol):
     __slots__ = (
         "_head_bytes",
         "_head_since",
+        "_head_size",
         "_headers",
         "_reading",
         "_url",
@@ -152,7 +153,8 @@ class ClientConnection(Batched, asyncio.Protocol):
         self.draining = state.draining
         self.idle_since = self.loop.time()
         self._head_since = 0.0
-        self._head_bytes = -1  # -1: not inside a request head
+        self._head_bytes = -1  # raw bytes read since the head began; -1: not inside a head
+        self._head_size = 0  # bytes of the target and the complete header lines
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
 
@@ -220,6 +222,7 @@ class ClientConnection(Batched, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._head_size = 0
         self._head_since = self.loop.time()
         if self._head_bytes < 0:
             self._head_bytes = 0
@@ -231,8 +234,12 @@ class ClientConnection(Batched, asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name, value))
-        if len(self._headers) > self.state.config.max_headers:
+        self._head_size += len(name) + len(value) + 4
+        config = self.state.config
+        if len(self._headers) > config.max_headers:
             raise HeadersTooLarge("Too many request headers.")
+        if self._head_size + len(self._url) > config.max_header_bytes:
+            raise HeadersTooLarge("Request head too large.")
 
     def on_headers_complete(self) -> None:
         self._head_bytes = -1
@@ -245,6 +252,9 @@ class ClientConnection(Batched, asyncio.Protocol):
                 "not an absolute URL or an authority."
             )
         headers = self._headers
+        if parser.should_upgrade() and _has_body(headers):
+            # llhttp hands the bytes after an upgrade request's head to the new protocol
+            raise BadRequest("A protocol upgrade request cannot carry a body.")
         expect = anthropic_version = False
         for name, value in headers:
             lname = name.lower()
@@ -292,7 +302,9 @@ class ClientConnection(Batched, asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        self._out = None
+        """Cut the connection; what the client was already owed goes first, so a truncated
+        response is seen as truncated (no final chunk, or fewer bytes than announced)."""
+        self.flush()
         if self.transport is not None:
             self.transport.abort()
 
@@ -355,27 +367,49 @@ class ClientConnection(Batched, asyncio.Protocol):
     # ---------------------------------------------------------------- errors
 
     def _reject(self, error: ProxyError) -> None:
-        """Answer a request that cannot be parsed or is refused before it has an exchange."""
+        """Answer a request that cannot be parsed or is refused before it has an exchange.
+
+        Whatever that request had queued for the upstream is dropped: it never leaves.
+        """
         if self.transport is None or self.transport.is_closing():
             return
         logger.info("rejected a request from %s: %d %s", self._peer(), error.status, error.message)
-        if self._reading is not None and self._reading.response_started:
-            self.abort()
+        reading, self._reading = self._reading, None
+        if reading is not None and reading.response_started:
+            self.abort()  # a response is under way: nothing sensible can follow it
             return
-        if self.active is not None and self.active is not self._reading:
-            self.active.close_after = True  # let the earlier response end, then close
-            self.pause_reading_for(self.active, PAUSE_PIPELINE)
+        earlier = self.active if self.active is not reading else None
+        if earlier is None:
+            self.write(render_error(error, family_of(self._url, False), close=True))
+        if reading is not None:
+            if reading in self.queue:
+                self.queue.remove(reading)
+            reading.abandon(error.status)
+        if earlier is not None:
+            earlier.close_after = True  # let the earlier response end, then close
+            self.pause_reading_for(earlier, PAUSE_PIPELINE)
             return
-        self.write(render_error(error, family_of(self._url, False), close=True))
+        self.active = None
         self.close()
-        self.active = self._reading = None
 
     def _peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
         return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
 
     def _upgrade_requested(self) -> None:
-        self._reject(BadRequest("Protocol upgrades are not supported by this proxy."))
+        """An ``Upgrade`` request (h2c, websocket) is served as plain HTTP/1.1, as RFC 9110
+        allows; what follows it on the connection is not read, and it closes afterwards."""
+        active = self.active
+        if active is None:
+            self.close()
+            return
+        active.close_after = True
+        self.pause_reading_for(active, PAUSE_PIPELINE)
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    length = content_length(headers)
+    return is_chunked(headers) or bool(length)
 
 
 def _parser_reason(exc: Exception) -> str:

@@ -205,10 +205,10 @@ class RawUpstream:
         self.server: asyncio.Server | None = None
         self.port = 0
 
-    async def start(self, ssl_context: Any = None) -> int:
+    async def start(self, ssl_context: Any = None, port: int = 0) -> int:
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(
-            lambda: _UpstreamProtocol(self), "127.0.0.1", 0, ssl=ssl_context
+            lambda: _UpstreamProtocol(self), "127.0.0.1", port, ssl=ssl_context
         )
         self.port = self.server.sockets[0].getsockname()[1]
         return self.port
