@@ -28,7 +28,8 @@ KEY_LINE = b"x-api-key: " + CLIENT_KEY.encode() + b"\r\n"
 SMUGGLING = {
     "cl-and-te": b"POST /x HTTP/1.1\r\nHost: h\r\n"
     + KEY_LINE
-    + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n",
+    + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    + b"GET /smuggled HTTP/1.1\r\n\r\n",
     "te-and-cl": b"POST /x HTTP/1.1\r\nHost: h\r\n"
     + KEY_LINE
     + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
