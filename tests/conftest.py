@@ -39,6 +39,7 @@ from claude_proxy.config import Config
 from claude_proxy.mock import MockFoundry, start_mock
 
 from .helpers import (
+    SECRETS,
     UPSTREAM_KEY,
     Handler,
     LoopThread,
@@ -48,6 +49,44 @@ from .helpers import (
     make_config,
     start_proxy,
 )
+
+
+class _Everything(logging.Handler):
+    """Sees every record the proxy and azure-identity log during the whole session, and keeps
+    those that contain a known secret (a secret exists before anything can log it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.seen = 0
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        extra = {k: v for k, v in record.__dict__.items() if k not in _PLAIN_RECORD}
+        exc = logging.Formatter().formatException(record.exc_info) if record.exc_info else ""
+        text = f"{record.getMessage()} {extra} {exc}"
+        self.seen += 1
+        self.leaks += [f"{s[:6]}... in: {text[:300]}" for s in SECRETS if s in text]
+
+
+_PLAIN_RECORD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+_EVERYTHING = _Everything()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    for name in ("claude_proxy", "azure"):
+        logger = logging.getLogger(name)
+        logger.addHandler(_EVERYTHING)
+        logger.setLevel(logging.DEBUG)  # every level is scanned, and access lines flow
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """No secret the suite configured or was issued may appear in any log line it caused."""
+    leaks = sorted(set(_EVERYTHING.leaks))
+    if leaks:
+        print("\nSECRETS FOUND IN LOG RECORDS:\n" + "\n".join(leaks[:20]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif _EVERYTHING.seen:
+        print(f"\nsecret scan: {_EVERYTHING.seen} log records, {len(SECRETS)} secrets, no leak")
 
 
 @pytest.fixture(scope="session")

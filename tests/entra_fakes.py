@@ -19,6 +19,8 @@ from typing import Any
 import trustme
 from aiohttp import web
 
+from .helpers import SECRETS
+
 AUDIENCE = "https://ai.azure.com"
 
 
@@ -55,6 +57,7 @@ class FakeEntra:
             self.count += 1
             token = fake_jwt(self.count)
             self.issued.append(token)
+            SECRETS.add(token)
             self._cond.notify_all()
         return token, self.lifetime
 

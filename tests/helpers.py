@@ -27,6 +27,14 @@ T = TypeVar("T")
 
 CLIENT_KEY = "client-key-abcdef0123456789"
 UPSTREAM_KEY = "upstream-key-9876543210fedcba"
+# Every secret the suite configures or is issued; conftest scans every log record for them.
+SECRETS: set[str] = {CLIENT_KEY, UPSTREAM_KEY}
+
+
+def secret(value: str) -> str:
+    """Declare ``value`` a secret that must never be logged; returns it."""
+    SECRETS.add(value)
+    return value
 
 
 class LoopThread:
@@ -119,11 +127,13 @@ class _UpstreamProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed.set()
         self.upstream.open_protocols.discard(self)
-        self.upstream.closed_at.append(time.monotonic())
+        if self.upstream.record:
+            self.upstream.closed_at.append(time.monotonic())
         self.upstream.changed()
 
     def data_received(self, data: bytes) -> None:
-        self.upstream.raw += data
+        if self.upstream.record:
+            self.upstream.raw += data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -146,7 +156,8 @@ class _UpstreamProtocol(asyncio.Protocol):
             n.lower() == b"transfer-encoding" and b"chunked" in v.lower() for n, v in self.headers
         )
         self.current = rec
-        self.upstream.requests.append(rec)
+        if self.upstream.record:
+            self.upstream.requests.append(rec)
         self.upstream.changed()
         expect = any(n.lower() == b"expect" for n, _ in self.headers)
         if not self.upstream.respond_after_body or expect:
@@ -192,9 +203,16 @@ class _UpstreamProtocol(asyncio.Protocol):
 class RawUpstream:
     """An HTTP/1.1 upstream that records every byte and answers from a script."""
 
-    def __init__(self, handler: Handler = default_handler, *, respond_after_body: bool = True):
+    def __init__(
+        self,
+        handler: Handler = default_handler,
+        *,
+        respond_after_body: bool = True,
+        record: bool = True,
+    ) -> None:
         self.handler = handler
         self.respond_after_body = respond_after_body
+        self.record = record  # False for load: nothing is kept per request
         self.requests: list[Recorded] = []
         self.raw = b""
         self.connections = 0

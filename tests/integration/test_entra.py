@@ -28,13 +28,14 @@ from ..helpers import (
     make_config,
     ok_response,
     request_bytes,
+    secret,
     start_proxy,
     wait_until,
 )
 
 TENANT = "72f988bf-0000-0000-0000-000000000000"
 CLIENT_ID = "0ac1d1e5-0000-0000-0000-000000000000"
-SECRET = "entra-client-secret-value"
+SECRET = secret("entra-client-secret-value")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from ..helpers import (
     ok_response,
     raw_connect,
     request_bytes,
+    secret,
     wait_until,
 )
 
@@ -64,7 +65,10 @@ def test_wrong_key_never_reaches_upstream(
 
 
 def test_named_keys_and_access_log(upstream: RawUpstream, make_proxy, access_log) -> None:
-    keys = (ClientKey("alice", "alice-secret-key"), ClientKey("ci-bot", "ci-secret-key"))
+    keys = (
+        ClientKey("alice", secret("alice-secret-key")),
+        ClientKey("ci-bot", secret("ci-secret-key")),
+    )
     p = make_proxy(upstream.url, client_api_key=None, client_api_keys=keys)
     assert call(p.port, [("x-api-key", "alice-secret-key")]).status == 200
     assert (
@@ -136,7 +140,7 @@ def test_sse_events_arrive_one_by_one(make_upstream, make_proxy) -> None:
 
 def test_no_secret_in_any_log_line(upstream: RawUpstream, make_proxy, access_log) -> None:
     logging.getLogger("claude_proxy").setLevel(logging.DEBUG)
-    secret_named = "named-key-very-secret"
+    secret_named = secret("named-key-very-secret")
     p = make_proxy(
         upstream.url,
         client_api_keys=(ClientKey("n", secret_named),),
@@ -154,8 +158,8 @@ def test_no_secret_in_any_log_line(upstream: RawUpstream, make_proxy, access_log
         + access_log.text
     )
     assert len(access_log.records) >= 6
-    for secret in (CLIENT_KEY, UPSTREAM_KEY, secret_named):
-        assert secret not in text
+    for value in (CLIENT_KEY, UPSTREAM_KEY, secret_named):
+        assert value not in text
 
 
 def test_upstream_401_passes_through(make_upstream, make_proxy) -> None:

@@ -30,6 +30,7 @@ from ..helpers import (
     make_config,
     raw_connect,
     request_bytes,
+    secret,
     start_proxy,
     wait_until,
 )
@@ -61,7 +62,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 @pytest.fixture
 def mock_proxy(mock, make_proxy) -> ProxyHandle:
     _, port = mock
-    keys = (ClientKey("alice", "alice-key-0001"),)
+    keys = (ClientKey("alice", secret("alice-key-0001")),)
     return make_proxy(f"http://127.0.0.1:{port}", admin=ADMIN, client_api_keys=keys)
 
 
