@@ -30,12 +30,14 @@ class Presented:
     malformed: bool  # an Authorization header that is not ``Bearer <key>``
 
 
-def presented(headers: Headers) -> Presented:
+def presented(headers: Headers, lnames: Sequence[bytes] | None = None) -> Presented:
+    """The credentials in ``headers`` (``lnames``: their lower-cased names, if at hand)."""
     names: set[bytes] = set()
     keys: list[bytes] = []
     malformed = False
-    for name, value in headers:
-        lname = name.lower()
+    if lnames is None:
+        lnames = [name.lower() for name, _ in headers]
+    for (_, value), lname in zip(headers, lnames, strict=True):
         if lname not in CREDENTIAL_HEADERS:
             continue
         names.add(lname)

@@ -46,14 +46,64 @@ class UpstreamCredential:
         return f"UpstreamCredential(kind={self.kind!r}, value=<redacted>)"
 
 
+@dataclass(slots=True)
+class HeaderScan:
+    """What one pass over a message's headers finds; every name is lower-cased once."""
+
+    lnames: list[bytes]
+    connection: frozenset[bytes]  # names listed in Connection: hop-by-hop for this message
+    chunked: bool
+    content_length: int | None
+    expect: bytes | None
+    anthropic_version: bool
+    content_type: bytes
+    content_encoding: bytes
+
+
+_SCANNED = frozenset(
+    {
+        b"connection",
+        b"transfer-encoding",
+        b"content-length",
+        b"expect",
+        b"anthropic-version",
+        b"content-type",
+        b"content-encoding",
+    }
+)
+
+
+def scan(headers: Headers) -> HeaderScan:
+    lnames: list[bytes] = []
+    connection: set[bytes] = set()
+    found = HeaderScan(lnames, frozenset(), False, None, None, False, b"", b"")
+    for name, value in headers:
+        lname = name.lower()
+        lnames.append(lname)
+        if lname not in _SCANNED:
+            continue
+        if lname == b"connection":
+            connection.update(t.strip().lower() for t in value.split(b","))
+        elif lname == b"transfer-encoding":
+            found.chunked = value.rstrip().lower().endswith(b"chunked")
+        elif lname == b"content-length":
+            found.content_length = int(value)
+        elif lname == b"expect":
+            found.expect = value.lower()
+        elif lname == b"anthropic-version":
+            found.anthropic_version = True
+        elif lname == b"content-type":
+            found.content_type = value.lower()
+        else:
+            found.content_encoding = value.strip().lower()
+    connection.discard(b"")
+    found.connection = frozenset(connection)
+    return found
+
+
 def connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Lower-cased header names listed in ``Connection``: hop-by-hop for this message only."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    tokens.discard(b"")
-    return frozenset(tokens)
+    return scan(headers).connection
 
 
 def _credential_line(name: bytes, lname: bytes, cred: UpstreamCredential) -> bytes:
@@ -72,6 +122,7 @@ def upstream_request_head(
     credential: UpstreamCredential | None,
     chunked: bool,
     default_header: bytes = b"Authorization",
+    scanned: HeaderScan | None = None,
 ) -> bytes:
     """The request head sent upstream.
 
@@ -80,13 +131,14 @@ def upstream_request_head(
     An API key goes in the header(s) the client used, or in ``default_header`` when the client
     used none (no client keys configured).
     ``chunked`` keeps the client's ``Transfer-Encoding`` line: the body is re-chunked.
+    ``scanned``: the headers' :func:`scan`, when the caller has it already.
     """
-    drop = _REQUEST_DROP | connection_tokens(headers)
+    scanned = scanned or scan(headers)
+    drop = _REQUEST_DROP | scanned.connection if scanned.connection else _REQUEST_DROP
     lines = [method, b" ", prefix, target, b" HTTP/1.1\r\n"]
     host_written = False
     cred_written = credential is None
-    for name, value in headers:
-        lname = name.lower()
+    for (name, value), lname in zip(headers, scanned.lnames, strict=True):
         if lname in drop:
             if lname == b"host" and not host_written:
                 lines.append(name + b": " + host + b"\r\n")
@@ -118,16 +170,17 @@ def client_response_head(
     *,
     chunked: bool,
     close: bool,
+    scanned: HeaderScan | None = None,
 ) -> bytes:
     """The response head sent to the client: the upstream's, less hop-by-hop headers.
 
     ``chunked`` keeps the upstream's ``Transfer-Encoding`` line (the body is re-chunked);
     ``close`` announces that the proxy closes the client connection after this response.
     """
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    scanned = scanned or scan(headers)
+    drop = HOP_BY_HOP | scanned.connection if scanned.connection else HOP_BY_HOP
     lines = [b"HTTP/1.1 %d " % status, reason, b"\r\n"]
-    for name, value in headers:
-        lname = name.lower()
+    for (name, value), lname in zip(headers, scanned.lnames, strict=True):
         if lname in drop:
             if lname == b"transfer-encoding" and chunked:
                 lines.append(name + b": " + value + b"\r\n")
@@ -146,14 +199,8 @@ def interim_response_head(status: int, reason: bytes, headers: Headers) -> bytes
 
 def is_chunked(headers: Headers) -> bool:
     """Whether the message body uses chunked framing (llhttp has validated the header)."""
-    for name, value in headers:
-        if name.lower() == b"transfer-encoding":
-            return value.rstrip().lower().endswith(b"chunked")
-    return False
+    return scan(headers).chunked
 
 
 def content_length(headers: Headers) -> int | None:
-    for name, value in headers:
-        if name.lower() == b"content-length":
-            return int(value)
-    return None
+    return scan(headers).content_length

@@ -133,7 +133,7 @@ class Exchange:
         state = self.state
         head = self.head
         try:
-            creds = presented(head.headers)
+            creds = presented(head.headers, head.scan.lnames)
             self.key_name = authenticate(
                 creds, state.keyring, state.config.passthrough_unauthenticated
             )
@@ -191,6 +191,7 @@ class Exchange:
             credential=self.credential,
             chunked=head.chunked,
             default_header=b"x-api-key" if self.family == "anthropic" else b"Authorization",
+            scanned=head.scan,
         )
 
     def _open_upstream(self) -> None:
@@ -295,22 +296,23 @@ class Exchange:
         self.status = status
         self.response_started = True
         self.t_first = time.perf_counter()
+        found = hdr.scan(headers)
         has_body = self.head.method != b"HEAD" and status not in NO_BODY_STATUS
-        chunked = has_body and hdr.is_chunked(headers)
+        chunked = has_body and found.chunked
         if chunked and not self.head.http11:
             chunked = False
             self.close_after = True  # an HTTP/1.0 client: the end of the body is the close
-        elif has_body and not chunked and hdr.content_length(headers) is None:
+        elif has_body and not chunked and found.content_length is None:
             self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
         if self.state.read_usage and has_body:
-            self.usage = reader_for(headers)
+            self.usage = reader_for(headers, found)
             self.streaming = self.usage is not None and self.usage.stream
         if self.client.draining:
             self.close_after = True
         self.client.write(
             hdr.client_response_head(
-                status, reason, headers, chunked=chunked, close=self.close_after
+                status, reason, headers, chunked=chunked, close=self.close_after, scanned=found
             )
         )
         if status == 401 and self.credential is not None and self.credential.kind == "bearer":

@@ -37,7 +37,7 @@ from .errors import (
     family_of,
     render_error,
 )
-from .headers import content_length, is_chunked
+from .headers import HeaderScan, scan
 from .metrics import Metrics, exposition
 from .relay import Exchange
 from .upstream import Origin, UpstreamPool
@@ -54,6 +54,7 @@ class RequestHead:
     method: bytes
     target: bytes
     headers: list[tuple[bytes, bytes]]
+    scan: HeaderScan
     keep_alive: bool
     http11: bool
     chunked: bool
@@ -252,27 +253,23 @@ class ClientConnection(Batched, asyncio.Protocol):
                 "not an absolute URL or an authority."
             )
         headers = self._headers
-        if parser.should_upgrade() and _has_body(headers):
+        found = scan(headers)
+        if parser.should_upgrade() and (found.chunked or found.content_length):
             # llhttp hands the bytes after an upgrade request's head to the new protocol
             raise BadRequest("A protocol upgrade request cannot carry a body.")
-        expect = anthropic_version = False
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"expect":
-                if value.lower() != b"100-continue":
-                    raise BadRequest("Unsupported Expect header.")
-                expect = True
-            elif lname == b"anthropic-version":
-                anthropic_version = True
+        if found.expect is not None and found.expect != b"100-continue":
+            raise BadRequest("Unsupported Expect header.")
+        http11 = parser.get_http_version() == "1.1"
         head = RequestHead(
             method=method,
             target=target,
             headers=headers,
+            scan=found,
             keep_alive=parser.should_keep_alive() and not self.draining,
-            http11=parser.get_http_version() == "1.1",
-            chunked=is_chunked(headers),
-            expect_continue=expect and parser.get_http_version() == "1.1",
-            anthropic_version=anthropic_version,
+            http11=http11,
+            chunked=found.chunked,
+            expect_continue=found.expect is not None and http11,
+            anthropic_version=found.anthropic_version,
         )
         exchange = Exchange(self.state, self, head)
         self._reading = exchange
@@ -405,11 +402,6 @@ class ClientConnection(Batched, asyncio.Protocol):
             return
         active.close_after = True
         self.pause_reading_for(active, PAUSE_PIPELINE)
-
-
-def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
-    length = content_length(headers)
-    return is_chunked(headers) or bool(length)
 
 
 def _parser_reason(exc: Exception) -> str:

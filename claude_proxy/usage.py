@@ -18,20 +18,21 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
+from .headers import HeaderScan, scan
+
 MAX_JSON: Final = 4 * 1024 * 1024
 MAX_LINE: Final = 1024 * 1024
 KINDS: Final = ("input", "output", "cache_read", "cache_write")
 
 
-def reader_for(headers: Sequence[tuple[bytes, bytes]]) -> UsageReader | None:
+def reader_for(
+    headers: Sequence[tuple[bytes, bytes]], scanned: HeaderScan | None = None
+) -> UsageReader | None:
     """A reader when the response is plain JSON or an event stream, else None."""
-    ctype = b""
-    for name, value in headers:
-        lname = name.lower()
-        if lname == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
-            return None
-        if lname == b"content-type":
-            ctype = value.lower()
+    scanned = scanned or scan(headers)
+    if scanned.content_encoding not in (b"", b"identity"):
+        return None
+    ctype = scanned.content_type
     if ctype.startswith(b"text/event-stream"):
         return UsageReader(stream=True)
     if ctype.startswith(b"application/json"):

@@ -189,8 +189,9 @@ def proc_factory(tmp_path: Path) -> Iterator:
         proc.stop()
 
 
-def test_process_serves_and_drains_a_stream_on_sigterm(
-    tmp_path: Path, make_upstream, proc_factory
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_process_serves_and_drains_a_stream_on_signal(
+    tmp_path: Path, make_upstream, proc_factory, sig: signal.Signals
 ) -> None:
     release = threading.Event()
 
@@ -217,7 +218,7 @@ def test_process_serves_and_drains_a_stream_on_sigterm(
     got = b""
     while b"firs" not in got:
         got += sock.recv(1000)
-    proc.p.send_signal(signal.SIGTERM)
+    proc.p.send_signal(sig)
     proc.wait_line("shutting down")
     # new connections are refused while the stream drains
     with pytest.raises(OSError):
