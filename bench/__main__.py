@@ -33,7 +33,18 @@ PY = sys.executable
 KEY = "bench-client-key"
 UPSTREAM_KEY = "bench-upstream-key"
 SMALL_BODY = json.dumps({"model": "m", "max_tokens": 1, "pad": "x" * 960}).encode()[:1024]
-SMALL_REPLY = "y" * 1024
+# A Messages-API-shaped reply with usage, so that usage reading does real work when it is on.
+SMALL_REPLY = json.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench-model",
+        "content": [{"type": "text", "text": "y" * 800}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 12, "output_tokens": 34},
+    }
+).replace('"', '\\"')
 LARGE = 10 * 1024 * 1024
 
 
@@ -125,7 +136,7 @@ UPSTREAM_SERVERS = """
         ssl_certificate_key {work}/server.key;
         client_max_body_size 0;
         location = /large {{ alias {work}/large.bin; }}
-        location / {{ return 200 "{reply}"; }}
+        location / {{ default_type application/json; return 200 "{reply}"; }}
     }}
 """
 
@@ -213,14 +224,24 @@ def start_servers(env: Env) -> None:
 
 
 @contextlib.contextmanager
-def claude_proxy(env: Env, upstream: str, workers: int = 1) -> Iterator[tuple[int, int]]:
-    """A claude-proxy process in front of ``upstream``; yields (port, pid)."""
+def claude_proxy(
+    env: Env, upstream: str, workers: int = 1, observed: bool = False
+) -> Iterator[tuple[int, int]]:
+    """A claude-proxy process in front of ``upstream``; yields (port, pid).
+
+    ``observed``: with the admin listener (metrics, usage reading) and an access log file.
+    """
     port = free_port()
     conf = env.work / f"cp-{port}.toml"
+    logging = (
+        f'[logging]\nlevel = "info"\nlog_path = "{env.work}/logs"\n[admin]\nport = 0\n'
+        if observed
+        else '[logging]\nlevel = "warn"\n'
+    )
     conf.write_text(
         f'upstream_url = "{upstream}"\nport = {port}\nworkers = {workers}\n'
         f'client_api_key = "{KEY}"\n[upstream_auth]\ntype = "api_key"\n'
-        f'api_key = "{UPSTREAM_KEY}"\n[logging]\nlevel = "warn"\n'
+        f'api_key = "{UPSTREAM_KEY}"\n{logging}'
     )
     conf.chmod(0o600)
     cmd = [PY, "-m", "claude_proxy", "-c", str(conf)]
@@ -352,6 +373,16 @@ def run(env: Env) -> dict[str, Any]:
             report_row(f"small POST c={conns}", row)
         results["large"]["download"] = large(env, targets, "GET", "/large", "none")
         results["memory_after_load_kb"] = rss_kb(cp_pid)
+    with claude_proxy(env, direct, observed=True) as (cp_obs, _):
+        plain = results["small"]["16" if smoke else "64"]["claude-proxy"]
+        observed = wrk(env, f"http://127.0.0.1:{cp_obs}/v1/messages", 16 if smoke else 64, secs)
+        results["observed"] = observed
+        cost = 1 - observed["rps"] / plain["rps"] if plain["rps"] else float("nan")
+        print(
+            f"{'+ metrics, usage, access log':<34} {observed['rps']:>9.0f} req/s"
+            f"  ({cost * 100:+.0f} % vs without)",
+            flush=True,
+        )
     with claude_proxy(env, f"https://127.0.0.1:{env.up_tls}") as (cp, _):
         targets = {"direct": env.up_tls, "nginx": env.ngx_tls, "claude-proxy": cp}
         row = {}

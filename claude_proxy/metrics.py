@@ -137,6 +137,7 @@ class Metrics:
             tuple[str, str, str], tuple[Counter, Histogram, Histogram, Counter, Counter]
         ] = {}
         self._models: set[str] = set()
+        self._token_children: dict[tuple[str, str, str], Counter] = {}
         self._gauges: Callable[[], tuple[float, float, float, float]] | None = None
         for kind in ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -206,7 +207,11 @@ class Metrics:
                 self._models.add(name)
         for kind, n in counts.items():
             if n:
-                self.tokens.labels(client, name, kind).inc(n)
+                key = (client, name, kind)
+                child = self._token_children.get(key)
+                if child is None:
+                    child = self._token_children[key] = self.tokens.labels(*key)
+                child.inc(n)
 
 
 def exposition(metrics: Metrics) -> bytes:

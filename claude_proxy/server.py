@@ -38,6 +38,7 @@ from .errors import (
     render_error,
 )
 from .headers import HeaderScan, scan
+from .logs import flush_handlers
 from .metrics import Metrics, exposition
 from .relay import Exchange
 from .upstream import Origin, UpstreamPool
@@ -535,6 +536,7 @@ class ProxyServer:
                 conn.check_timeouts(now)
             if self.metrics is not None:
                 self.metrics.refresh()
+            flush_handlers()
 
     def reload(self, config: Config) -> None:
         """New client keys, log settings and TLS certificate; the rest needs a restart."""

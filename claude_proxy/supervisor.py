@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 
 from .admin import AdminServer
 from .config import Config
+from .logs import flush_handlers
 from .metrics import READY, multiprocess_exposition, multiprocess_registry, sample_value
 from .server import listen_socket
 
@@ -118,10 +119,11 @@ class Supervisor:
             f", admin on port {admin.port}" if admin else "",
         )
         keepers = [loop.create_task(self._keep(i, fds)) for i in range(config.workers)]
+        keepers.append(loop.create_task(_flush_logs_every_second()))
         await self._stop.wait()
         try:
             async with asyncio.timeout(config.shutdown_timeout + 5):
-                await asyncio.gather(*keepers)
+                await asyncio.gather(*keepers[:-1])
                 await asyncio.gather(*(p.wait() for p in self.workers.values()))
         except TimeoutError:
             logger.error("workers did not stop in time; killing them")
@@ -135,6 +137,12 @@ class Supervisor:
             sock.close()
         logger.info("supervisor: all workers stopped")
         return 0
+
+
+async def _flush_logs_every_second() -> None:
+    while True:
+        flush_handlers()
+        await asyncio.sleep(1.0)
 
 
 def _forget_process(pid: int) -> None:

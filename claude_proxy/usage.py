@@ -40,6 +40,45 @@ def reader_for(
     return None
 
 
+_TOKEN_FIELDS: Final = (
+    ("input_tokens", "input"),
+    ("prompt_tokens", "input"),
+    ("output_tokens", "output"),
+    ("completion_tokens", "output"),
+    ("cache_read_input_tokens", "cache_read"),
+    ("cache_creation_input_tokens", "cache_write"),
+)
+_TOKEN_KEYS: Final = frozenset(key for key, _ in _TOKEN_FIELDS)
+_WHITESPACE: Final = b" \t\r\n"
+_DECODER: Final = json.JSONDecoder()
+# A usage object or a model name is far shorter than this; longer: the whole body is parsed.
+_SLICE: Final = 4096
+
+
+def _value_after(body: bytes, key: bytes, *, last: bool, size: int = _SLICE) -> Any:
+    """The JSON value of ``key`` in ``body`` without parsing the rest of it.
+
+    In valid JSON a quote inside a string is escaped, so ``"usage"`` followed by a colon can only
+    be an object key. The top-level ``usage`` is the last one in both APIs' responses and the
+    top-level ``model`` the first; a nested one found instead fails the caller's checks and the
+    body is parsed whole. None when absent or not decodable.
+    """
+    at = body.rfind(key) if last else body.find(key)
+    if at < 0:
+        return None
+    i = at + len(key)
+    end = len(body)
+    while i < end and body[i] in _WHITESPACE:
+        i += 1
+    if i >= end or body[i] != 0x3A:  # ':'
+        return None
+    try:
+        value, _ = _DECODER.raw_decode(body[i + 1 : i + 1 + size].decode("utf-8").lstrip())
+    except ValueError:  # includes UnicodeDecodeError: a slice may cut a character
+        return None
+    return value
+
+
 class UsageReader:
     __slots__ = ("_body", "_size", "counts", "model", "stream")
 
@@ -83,9 +122,15 @@ class UsageReader:
                     self._take(line[5:])
 
     def finish(self) -> None:
-        """Call once the response is complete (JSON is only parsed then)."""
+        """Call once the response is complete (JSON is only read then)."""
         if not self.stream and self._body:
-            self._take(b"".join(self._body))
+            body = b"".join(self._body)
+            usage = _value_after(body, b'"usage"', last=True)
+            if isinstance(usage, dict) and _TOKEN_KEYS.intersection(usage):
+                model = _value_after(body, b'"model"', last=False, size=512)
+                self._read({"usage": usage, "model": model})
+            else:
+                self._take(body)  # an unusual layout: parse it all
         self._body = None
 
     def _take(self, raw: bytes) -> None:
@@ -106,14 +151,7 @@ class UsageReader:
         usage = holder.get("usage")
         if not isinstance(usage, dict):
             return
-        for key, kind in (
-            ("input_tokens", "input"),
-            ("prompt_tokens", "input"),
-            ("output_tokens", "output"),
-            ("completion_tokens", "output"),
-            ("cache_read_input_tokens", "cache_read"),
-            ("cache_creation_input_tokens", "cache_write"),
-        ):
+        for key, kind in _TOKEN_FIELDS:
             value = usage.get(key)
             # Anthropic's message_delta repeats totals so far: the latest value wins.
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:

@@ -114,6 +114,36 @@ def test_streams_any_split(stream: bytes, model: str, counts: dict, split: int) 
             {"input": 4, "output": 5},
         ),
         ({"error": {"message": "nope"}}, {}),
+        # a nested "usage" after the top-level one (tool input): the whole body is parsed
+        (
+            {
+                "model": "m",
+                "usage": {"input_tokens": 7, "output_tokens": 8},
+                "content": [{"type": "tool_use", "input": {"usage": {"verbose": True}}}],
+            },
+            {"input": 7, "output": 8},
+        ),
+        (
+            {
+                "model": "m",
+                "usage": {"input_tokens": 7, "output_tokens": 8},
+                "content": [{"type": "tool_use", "input": {"usage": "a string"}}],
+            },
+            {"input": 7, "output": 8},
+        ),
+        # text that mentions "usage" in quotes is escaped, so it cannot be mistaken for a key
+        (
+            {
+                "model": "m",
+                "content": [{"text": 'say "usage": {"input_tokens": 99}'}],
+                "usage": {"input_tokens": 1, "output_tokens": 2},
+            },
+            {"input": 1, "output": 2},
+        ),
+        (
+            {"model": "\u00e9" * 300, "usage": {"input_tokens": 3, "output_tokens": 4}},
+            {"input": 3, "output": 4},
+        ),
         ({"usage": {"input_tokens": True, "output_tokens": -1}}, {}),
     ],
 )
