@@ -137,7 +137,7 @@ def configure_logging(
     """Install the handlers on the ``claude_proxy`` logger tree; call once per process."""
     # The logging HOWTO's "Optimization" knobs: our format uses none of these, and with them
     # off a record costs about half as much (there is one per request).
-    logging._srcfile = None  # type: ignore[attr-defined]  # no caller lookup per record
+    logging._srcfile = None  # no caller lookup per record
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
