@@ -82,6 +82,7 @@ class Exchange:
         "t_first",
         "t_start",
         "task",
+        "until_close",
         "upstream",
         "upstream_head",
         "usage",
@@ -114,6 +115,7 @@ class Exchange:
         self.wrote_error = False
         self.finished = False
         self.chunked_out = False
+        self.until_close = False
         self.close_after = not head.keep_alive
         self.discarded = 0
         self.status = 0
@@ -158,22 +160,12 @@ class Exchange:
     async def _start_slow(self) -> None:
         try:
             self.credential = await self.state.auth.credential_wait()
-            self._build_upstream_head()
-            conn = await self.state.pool.connect()
         except ProxyError as exc:
+            self.task = None
             self.respond_error(exc)
             return
-        except TimeoutError:
-            self._upstream_error("connect_timeout")
-            self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
-            return
-        except OSError as exc:
-            self._upstream_error("connect_refused")
-            self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
-            return
-        finally:
-            self.task = None
-        self._attach(conn)
+        self._build_upstream_head()
+        await self._connect()
 
     def _upstream_error(self, kind: str) -> None:
         if self.state.metrics is not None:
@@ -217,9 +209,8 @@ class Exchange:
         self._attach(conn)
 
     def _connect_timeout_message(self) -> str:
-        return (
-            f"Timed out connecting to the upstream after {self.state.config.connect_timeout:g} s."
-        )
+        timeout = self.state.config.connect_timeout
+        return f"Timed out connecting to the upstream after {timeout:g} s."
 
     def _attach(self, conn: UpstreamConnection) -> None:
         if self.finished or self.response_started:
@@ -233,12 +224,14 @@ class Exchange:
         if conn.reused and not self.retried:
             self.replay = out[:]
             self.replay_bytes = sum(len(b) for b in out)
+        # Resume before writing: if this write fills the upstream's buffer, its pause_writing
+        # must be the last word on whether the client is read.
+        self.client.resume_reading_for(self)
         conn.write(b"".join(out) if len(out) > 1 else out[0])
         self.wrote_upstream = True
         self.sent_all = self.request_done
         if self.head.expect_continue and not self.request_done:
             self.client.write(CONTINUE)
-        self.client.resume_reading_for(self)
 
     # ================================================================ request body (client side)
 
@@ -303,7 +296,7 @@ class Exchange:
             chunked = False
             self.close_after = True  # an HTTP/1.0 client: the end of the body is the close
         elif has_body and not chunked and found.content_length is None:
-            self.close_after = True  # close-delimited upstream body
+            self.until_close = self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
         if self.state.read_usage and has_body:
             self.usage = reader_for(headers, found)
@@ -359,7 +352,7 @@ class Exchange:
                 UpstreamUnavailable("The upstream closed the connection before sending a response.")
             )
             return
-        if self.close_after and not self.chunked_out and self.head.method != b"HEAD":
+        if self.until_close:
             self.response_done = True  # a close-delimited body ends with the close
             self.client.close()
             self._finish()
@@ -386,9 +379,8 @@ class Exchange:
         """Send the request again on a new connection: the pooled one was closed under us."""
         logger.debug("pooled upstream connection was closed; retrying on a new one")
         self.retried = True
-        self.pending = self.replay
+        self.pending = (self.replay or [])[1:]  # [0] is the head, which _attach writes again
         self.replay = None
-        self.pending = (self.pending or [])[1:]  # the head is rebuilt by _attach
         self.task = self.state.spawn(self._connect())
 
     # ================================================================ flow control

@@ -17,7 +17,8 @@ from claude_proxy.config import (
 )
 from claude_proxy.errors import ConfigError
 
-SEED_README = Path(__file__).parents[2].parent / "shared" / "seed" / "claude-proxy-README.md"
+# A copy of the original program's README: its config files must keep working unchanged.
+SEED_README = Path(__file__).parents[1] / "data" / "seed-README.md"
 
 BASIC = """
 bind_address = "0.0.0.0"
@@ -68,7 +69,6 @@ def seed_snippets() -> list[str]:
     return blocks
 
 
-@pytest.mark.skipif(not SEED_README.exists(), reason="seed README not beside the repo")
 def test_every_seed_snippet_loads(tmp_path: Path) -> None:
     env = {
         "DOWNSTREAM_API_KEY": "d",
