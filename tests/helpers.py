@@ -78,7 +78,7 @@ class Recorded:
     method: bytes
     target: bytes
     headers: list[tuple[bytes, bytes]]
-    body: bytes = b""
+    body: bytearray = field(default_factory=bytearray)
     chunked: bool = False
     complete: bool = False
 
@@ -162,10 +162,17 @@ class _UpstreamProtocol(asyncio.Protocol):
         expect = any(n.lower() == b"expect" for n, _ in self.headers)
         if not self.upstream.respond_after_body or expect:
             self._respond(rec)
+        if self.upstream.hold_body is not None:
+            # a slow upstream: stop reading the body until the test says so
+            transport = self.transport
+            assert transport is not None
+            transport.pause_reading()
+            self.upstream.held.append(transport)
 
     def on_body(self, body: bytes) -> None:
         assert self.current is not None
-        self.current.body += body
+        if self.upstream.record:
+            self.current.body += body
 
     def on_message_complete(self) -> None:
         assert self.current is not None
@@ -213,6 +220,8 @@ class RawUpstream:
         self.handler = handler
         self.respond_after_body = respond_after_body
         self.record = record  # False for load: nothing is kept per request
+        self.hold_body: bool | None = None  # True: pause reading after each request head
+        self.held: list[asyncio.Transport] = []
         self.requests: list[Recorded] = []
         self.raw = b""
         self.connections = 0
@@ -239,6 +248,13 @@ class RawUpstream:
                 proto.transport.abort()
         for task in list(self.tasks):
             task.cancel()
+
+    def release_held(self) -> None:
+        """Resume reading what hold_body paused (call in the loop thread)."""
+        for transport in self.held:
+            if not transport.is_closing():
+                transport.resume_reading()
+        self.held.clear()
 
     def changed(self) -> None:
         with self._cond:
@@ -340,7 +356,7 @@ class _ResponseReader:
 
     def _reset(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
-        self.body = b""
+        self.body = bytearray()
         self.reason = b""
         self.head_done = False
 
@@ -367,7 +383,9 @@ class _ResponseReader:
 
     def _complete(self, complete: bool) -> None:
         status = self.parser.get_status_code() if self.head_done else 0
-        self.done.append(RawResponse(status, self.reason, self.headers, self.body, complete, b""))
+        self.done.append(
+            RawResponse(status, self.reason, self.headers, bytes(self.body), complete, b"")
+        )
         self._reset()
 
 
@@ -376,7 +394,7 @@ def read_responses(
 ) -> list[RawResponse]:
     """Read ``n`` responses; the last is marked incomplete if the connection ended early."""
     reader = _ResponseReader(head)
-    raw = b""
+    raw = bytearray()
     sock.settimeout(timeout)
     while len(reader.done) < n:
         try:
@@ -394,7 +412,7 @@ def read_responses(
                 break
             raise
     for resp in reader.done:
-        resp.raw = raw
+        resp.raw = bytes(raw)
     return reader.done[:n]
 
 
