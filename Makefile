@@ -37,9 +37,11 @@ check: setup
 	$(BIN)/mypy
 
 bench: setup
+	sh bench/install-tools.sh
 	$(BIN)/python -m bench $(ARGS)
 
 bench-smoke: setup
+	sh bench/install-tools.sh
 	$(BIN)/python -m bench --smoke
 
 clean:
