@@ -245,7 +245,8 @@ async def serve(
         logger.error("cannot listen on %s:%s: %s", config.bind_address, config.port, exc.strerror)
         await auth.close()
         return EXIT_STARTUP_FAILURE
-    logger.info("%s", banner(loaded, server, auth))
+    # The banner shows at any level: it is the one line every operator needs.
+    logger.log(max(logging.INFO, logger.getEffectiveLevel()), "%s", banner(loaded, server, auth))
     if server.admin is not None:
         logger.info(
             "admin listener on http://%s:%d (/healthz, /readyz, /metrics)",
@@ -267,8 +268,8 @@ async def serve(
             return
         for secret in walk_secrets(new.config):
             register_secret(secret)
+        set_level(new.config.logging.level)  # first: the server reads it to enable access lines
         server.reload(new.config)
-        set_level(new.config.logging.level)
         logger.info(
             "reloaded %s: %d client key(s), log level %s",
             new.path or "config",

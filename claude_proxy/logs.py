@@ -166,4 +166,7 @@ def configure_logging(
 
 
 def set_level(name: str) -> None:
-    logging.getLogger("claude_proxy").setLevel(LEVELS[name])
+    """Change the level at run time (SIGHUP); the azure lines stay at warnings and up."""
+    level = LEVELS[name]
+    logging.getLogger("claude_proxy").setLevel(level)
+    logging.getLogger("azure").setLevel(max(level, logging.WARNING))

@@ -236,7 +236,7 @@ def test_process_serves_and_drains_a_stream_on_signal(
 
 
 def test_process_sighup_reloads_keys(tmp_path: Path, upstream: RawUpstream, proc_factory) -> None:
-    path = write_config(tmp_path, upstream.url)
+    path = write_config(tmp_path, upstream.url, '[logging]\nlevel = "warn"')
     proc = proc_factory(["-c", str(path)])
     port = int(proc.wait_line(LISTENING).group(1))
     new_key = "rotated-client-key-000111"
@@ -245,11 +245,14 @@ def test_process_sighup_reloads_keys(tmp_path: Path, upstream: RawUpstream, proc
     from ..helpers import read_response
 
     assert read_response(conn).status == 200
-    path.write_text(path.read_text().replace("${TEST_CLIENT_KEY}", new_key))
+    assert '"POST /a"' not in proc.output  # warn level: no access lines
+    text = path.read_text().replace("${TEST_CLIENT_KEY}", new_key)
+    path.write_text(text.replace('level = "warn"', 'level = "info"'))
     proc.p.send_signal(signal.SIGHUP)
     proc.wait_line("reloaded")
     conn.sendall(request_bytes("POST", "/b", [("x-api-key", new_key)], b"{}"))
     assert read_response(conn).status == 200
+    proc.wait_line('"POST /b" 200')  # the new level took effect: access lines now
     assert exchange(port, request_bytes("POST", "/c", [("x-api-key", CLIENT_KEY)])).status == 401
     # an invalid config is rejected and the running one kept
     path.write_text(path.read_text() + "\nbogus_key = 1\n")

@@ -355,3 +355,32 @@ def test_malformed_request_gets_400_and_close(upstream: RawUpstream, proxy: Prox
         assert resp.status == 400 and resp.header("connection") == b"close"
         assert sock.recv(10) == b""
     assert upstream.requests == []
+
+
+def test_https_upstream_verified_with_sni(lt, make_proxy) -> None:
+    """Foundry is HTTPS: the proxy verifies the upstream's certificate (system trust,
+    SSL_CERT_FILE) and keeps the connection pooled."""
+    import ssl
+
+    from ..conftest import SESSION_CA
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    SESSION_CA.issue_cert("localhost").configure_cert(context)
+    seen_sni: list[str | None] = []
+    context.sni_callback = lambda sock, name, ctx: seen_sni.append(name)  # type: ignore[assignment]
+    up = RawUpstream()
+    lt.run(up.start(ssl_context=context))
+    try:
+        p = make_proxy(f"https://localhost:{up.port}/base")
+        for _ in range(3):
+            assert post(p.port, "/v1/messages").status == 200
+        assert up.connections == 1 and seen_sni == ["localhost"]
+        assert up.requests[0].header("host") == f"localhost:{up.port}".encode()
+        assert up.requests[0].target == b"/base/v1/messages"
+        # a certificate for another name is refused: 502, nothing sent
+        wrong = make_proxy(f"https://127.0.0.1:{up.port}")
+        resp = post(wrong.port, "/v1/messages")
+        assert resp.status == 502 and len(up.requests) == 3
+        assert "certificate verify failed" in resp.json()["error"]["message"]
+    finally:
+        lt.run(up.stop())

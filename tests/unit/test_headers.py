@@ -206,3 +206,109 @@ def test_framing(headers: list[tuple[bytes, bytes]], chunked: bool, length: int 
 
 def test_credential_repr_hides_value() -> None:
     assert b"UPKEY".decode() not in repr(KEY)
+
+
+# ----------------------------------------------------------------- property: any header set
+
+import httptools  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_TOKEN = "!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_names = st.one_of(
+    st.sampled_from(
+        [
+            "Host",
+            "Connection",
+            "connection",
+            "Keep-Alive",
+            "TE",
+            "Trailer",
+            "Upgrade",
+            "Proxy-Authorization",
+            "Expect",
+            "x-api-key",
+            "API-KEY",
+            "Authorization",
+            "Transfer-Encoding",
+            "X-Hop",
+            "anthropic-beta",
+        ]
+    ),
+    st.text(_TOKEN, min_size=1, max_size=12),
+).map(str.encode)
+_values = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=20).map(
+    str.encode
+)
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.url = b""
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+
+@given(
+    headers=st.lists(st.tuples(_names, _values), max_size=15),
+    credential=st.sampled_from([None, KEY, TOKEN]),
+)
+def test_rewritten_head_is_always_valid_and_clean(
+    headers: list[tuple[bytes, bytes]], credential: UpstreamCredential | None
+) -> None:
+    out = upstream_request_head(
+        b"POST",
+        b"/x?y=1",
+        headers,
+        host=b"up.example",
+        prefix=b"/p",
+        credential=credential,
+        chunked=False,
+    )
+    collect = _Collect()
+    parser = httptools.HttpRequestParser(collect)
+    parser.feed_data(out)  # parses: one well-formed head
+    assert collect.url == b"/p/x?y=1"
+    lnames = [n.lower() for n, _ in collect.headers]
+    assert lnames.count(b"host") == 1 and (b"host", b"up.example") in [
+        (n.lower(), v) for n, v in collect.headers
+    ]
+    hop = {
+        b"connection",
+        b"keep-alive",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"proxy-authorization",
+        b"expect",
+        b"transfer-encoding",
+    }
+    assert not hop & set(lnames)
+    listed = {
+        t.strip().lower() for n, v in headers if n.lower() == b"connection" for t in v.split(b",")
+    }
+    assert not (listed - {b"host", b"authorization", b"x-api-key", b"api-key"}) & set(lnames)
+    if credential is TOKEN:
+        creds = [
+            (n.lower(), v)
+            for n, v in collect.headers
+            if n.lower() in (b"authorization", b"x-api-key", b"api-key")
+        ]
+        assert creds == [(b"authorization", b"Bearer TOKEN")]
+    if credential is KEY:
+        for n, v in collect.headers:
+            if n.lower() in (b"x-api-key", b"api-key"):
+                assert v == b"UPKEY"
+            if n.lower() == b"authorization":
+                assert v == b"Bearer UPKEY"
+    if credential is None:  # passthrough: the client's own credential headers, as they were
+        assert [(n, v) for n, v in collect.headers if n.lower() in (b"x-api-key", b"api-key")] == [
+            (n, v)
+            for n, v in headers
+            if n.lower() in (b"x-api-key", b"api-key") and n.lower() not in listed
+        ]
