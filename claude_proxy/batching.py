@@ -9,15 +9,24 @@ been handled. Nothing waits longer than the read that caused it.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 
 class Batch:
-    """The batch of one event loop: open while a read is being handled."""
+    """The batch of one event loop: open while a read is being handled.
 
-    __slots__ = ("pending",)
+    Work that must not hold bytes back (usage reading, metrics, access lines) is deferred with
+    :meth:`defer` and runs once the batch's writes are out.
+    """
+
+    __slots__ = ("deferred", "pending")
 
     def __init__(self) -> None:
         self.pending: list[Batched] | None = None
+        self.deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
 
     def begin(self) -> bool:
         """Open the batch; False when it is already open (the caller must not end it)."""
@@ -30,6 +39,20 @@ class Batch:
         pending, self.pending = self.pending, None
         for writer in pending or ():
             writer.flush()
+        if self.deferred:
+            deferred, self.deferred = self.deferred, []
+            for fn, args in deferred:
+                try:
+                    fn(*args)
+                except Exception:  # bookkeeping must never break the relay
+                    logger.exception("error in deferred bookkeeping")
+
+    def defer(self, fn: Callable[..., object], *args: object) -> None:
+        """Run ``fn(*args)`` after the writes of the open batch; at once when none is open."""
+        if self.pending is None:
+            fn(*args)
+        else:
+            self.deferred.append((fn, args))
 
 
 class Batched:

@@ -318,7 +318,7 @@ class Exchange:
         else:
             self.client.write(data)
         if self.usage is not None:
-            self.usage.feed(data)  # after the write: the client never waits for this
+            self.state.batch.defer(self.usage.feed, data)  # once the bytes are on their way
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
         if self.chunked_out:
@@ -483,6 +483,12 @@ class Exchange:
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
+        if self.state.metrics is not None or self.state.access_log:
+            self.state.batch.defer(self._account)  # once the last bytes are on their way
+        self.client.exchange_finished(self)
+
+    def _account(self) -> None:
+        """Usage, metrics and the access line: after the response, never in its way."""
         usage = self.usage
         if usage is not None:
             usage.finish()
@@ -504,7 +510,6 @@ class Exchange:
                 metrics.usage(name, usage.model, usage.counts)
         if state.access_log:
             self._log_access()
-        self.client.exchange_finished(self)
 
     def _log_access(self) -> None:
         now = time.perf_counter()

@@ -79,6 +79,7 @@ class ServerState:
         self.auth = auth
         self.pool = pool
         self.origin = pool.origin
+        self.batch = pool.batch
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
