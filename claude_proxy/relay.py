@@ -218,6 +218,8 @@ class Exchange:
             return
         self.upstream = conn
         conn.exchange = self
+        if self.client.write_paused:
+            conn.pause_reading()  # the client is not taking what it is sent: wait with it
         pending = self.pending or []
         self.pending = None
         out = [self.upstream_head, *pending]
@@ -226,7 +228,7 @@ class Exchange:
             self.replay_bytes = sum(len(b) for b in out)
         # Resume before writing: if this write fills the upstream's buffer, its pause_writing
         # must be the last word on whether the client is read.
-        self.client.resume_reading_for(self)
+        self.client.resume_reading()
         conn.write(b"".join(out) if len(out) > 1 else out[0])
         self.wrote_upstream = True
         self.sent_all = self.request_done
@@ -260,7 +262,7 @@ class Exchange:
                 self.pending.append(data)
                 self.pending_bytes += len(data)
                 if self.pending_bytes > PENDING_HIGH_WATER:
-                    self.client.pause_reading_for(self)
+                    self.client.pause_reading()
             return
         if self.replay is not None:
             self.replay.append(data)
@@ -386,10 +388,10 @@ class Exchange:
     # ================================================================ flow control
 
     def upstream_write_paused(self) -> None:
-        self.client.pause_reading_for(self)
+        self.client.pause_reading()
 
     def upstream_write_resumed(self) -> None:
-        self.client.resume_reading_for(self)
+        self.client.resume_reading()
 
     def client_write_paused(self) -> None:
         if self.upstream is not None:

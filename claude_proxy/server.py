@@ -280,7 +280,7 @@ class ClientConnection(Batched, asyncio.Protocol):
             exchange.start()
         else:
             self.queue.append(exchange)
-            self.pause_reading_for(exchange, PAUSE_PIPELINE)
+            self.pause_reading(PAUSE_PIPELINE)
 
     def on_body(self, body: bytes) -> None:
         if self._reading is not None:
@@ -307,12 +307,13 @@ class ClientConnection(Batched, asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def pause_reading_for(self, exchange: Exchange, reason: int = PAUSE_UPSTREAM) -> None:
+    def pause_reading(self, reason: int = PAUSE_UPSTREAM) -> None:
+        """Stop reading from the client for ``reason``; reading resumes once none is left."""
         if self.paused_by == 0 and self.transport is not None:
             self.transport.pause_reading()
         self.paused_by |= reason
 
-    def resume_reading_for(self, exchange: Exchange, reason: int = PAUSE_UPSTREAM) -> None:
+    def resume_reading(self, reason: int = PAUSE_UPSTREAM) -> None:
         if not self.paused_by & reason:
             return
         self.paused_by &= ~reason
@@ -330,7 +331,7 @@ class ClientConnection(Batched, asyncio.Protocol):
             nxt = self.queue.popleft()
             self.active = nxt
             if not self.queue:
-                self.resume_reading_for(nxt, PAUSE_PIPELINE)
+                self.resume_reading(PAUSE_PIPELINE)
             nxt.start()
             return
         self.idle_since = self.loop.time()
@@ -386,7 +387,7 @@ class ClientConnection(Batched, asyncio.Protocol):
             reading.abandon(error.status)
         if earlier is not None:
             earlier.close_after = True  # let the earlier response end, then close
-            self.pause_reading_for(earlier, PAUSE_PIPELINE)
+            self.pause_reading(PAUSE_PIPELINE)
             return
         self.active = None
         self.close()
@@ -403,7 +404,7 @@ class ClientConnection(Batched, asyncio.Protocol):
             self.close()
             return
         active.close_after = True
-        self.pause_reading_for(active, PAUSE_PIPELINE)
+        self.pause_reading(PAUSE_PIPELINE)
 
 
 def _parser_reason(exc: Exception) -> str:
