@@ -106,10 +106,7 @@ class MockFoundry:
         doc = await self._read(request, anthropic=True)
         if isinstance(doc, web.Response):
             return doc
-        text = reply_text(last_user_text(doc.get("messages")))
-        words = text.split(" ")
-        model = str(doc.get("model", "mock-model"))
-        in_tokens = count_words(doc.get("messages"))
+        text, words, model, in_tokens = reply_for(doc)
         msg_id = "msg_mock_" + uuid.uuid4().hex[:12]
         if not doc.get("stream"):
             return web.json_response(
@@ -185,10 +182,7 @@ class MockFoundry:
         doc = await self._read(request, anthropic=False)
         if isinstance(doc, web.Response):
             return doc
-        text = reply_text(last_user_text(doc.get("messages")))
-        words = text.split(" ")
-        model = str(doc.get("model", "mock-model"))
-        in_tokens = count_words(doc.get("messages"))
+        text, words, model, in_tokens = reply_for(doc)
         usage = {
             "prompt_tokens": in_tokens,
             "completion_tokens": len(words),
@@ -351,6 +345,17 @@ def last_user_text(messages: Any) -> str:
 
 def count_words(messages: Any) -> int:
     return max(1, len(last_user_text(messages).split()))
+
+
+def reply_for(doc: dict[str, Any]) -> tuple[str, list[str], str, int]:
+    """The reply to a messages/chat request: text, its words, model name, input token count."""
+    text = reply_text(last_user_text(doc.get("messages")))
+    return (
+        text,
+        text.split(" "),
+        str(doc.get("model", "mock-model")),
+        count_words(doc.get("messages")),
+    )
 
 
 def reply_text(user: str) -> str:

@@ -53,31 +53,31 @@ class FakeEntra:
             assert self._cond.wait_for(lambda: self.count >= n, timeout), self.count
 
     def _issue(self) -> tuple[str, int]:
-        with self._cond:
-            self.count += 1
-            token = fake_jwt(self.count)
-            self.issued.append(token)
-            SECRETS.add(token)
-            self._cond.notify_all()
+        token = fake_jwt(self.count + 1)
+        self.issued.append(token)
+        SECRETS.add(token)
+        self._count()
         return token, self.lifetime
 
+    def _count(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
     async def _gate(self) -> web.Response | None:
+        """The failure modes: None means answer normally."""
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.mode == "hang":
             await asyncio.sleep(3600)
         if self.mode == "error":
-            with self._cond:
-                self.count += 1
-                self._cond.notify_all()
+            self._count()
             return web.json_response(
                 {"error": "temporarily_unavailable", "error_description": "AADSTS50000: down"},
                 status=503,
             )
         if self.mode == "garbage":
-            with self._cond:
-                self.count += 1
-                self._cond.notify_all()
+            self._count()
             return web.Response(text="<html>not json</html>", content_type="text/html")
         return None
 
