@@ -142,8 +142,6 @@ class TokenAuth(UpstreamAuth):
         self._wake: asyncio.Event | None = None
         self._last_error: str | None = None
         self._state = "starting"
-        self.acquisitions = 0
-        self.failures = 0
 
     def __repr__(self) -> str:
         return f"TokenAuth({self.description!r}, scope={self.scope!r})"
@@ -236,7 +234,6 @@ class TokenAuth(UpstreamAuth):
         return self._inflight
 
     async def _acquire(self) -> Token:
-        self.acquisitions += 1
         if self.metrics is not None:
             self.metrics.acquisitions.inc()
         try:
@@ -261,7 +258,6 @@ class TokenAuth(UpstreamAuth):
         return token
 
     def _failed(self, reason: str) -> None:
-        self.failures += 1
         if self.metrics is not None:
             self.metrics.failures.inc()
         self._last_error = reason

@@ -101,11 +101,6 @@ def scan(headers: Headers) -> HeaderScan:
     return found
 
 
-def connection_tokens(headers: Headers) -> frozenset[bytes]:
-    """Lower-cased header names listed in ``Connection``: hop-by-hop for this message only."""
-    return scan(headers).connection
-
-
 def _credential_line(name: bytes, lname: bytes, cred: UpstreamCredential) -> bytes:
     if lname == b"authorization":
         return name + b": Bearer " + cred.value + b"\r\n"
@@ -195,12 +190,3 @@ def client_response_head(
 def interim_response_head(status: int, reason: bytes, headers: Headers) -> bytes:
     """A 1xx response (103 Early Hints and the like), relayed as it came."""
     return client_response_head(status, reason, headers, chunked=False, close=False)
-
-
-def is_chunked(headers: Headers) -> bool:
-    """Whether the message body uses chunked framing (llhttp has validated the header)."""
-    return scan(headers).chunked
-
-
-def content_length(headers: Headers) -> int | None:
-    return scan(headers).content_length

@@ -5,9 +5,7 @@ import pytest
 from claude_proxy.headers import (
     UpstreamCredential,
     client_response_head,
-    connection_tokens,
-    content_length,
-    is_chunked,
+    scan,
     upstream_request_head,
 )
 
@@ -87,7 +85,7 @@ def test_hop_by_hop_headers_are_dropped(name: bytes) -> None:
 def test_connection_listed_headers_are_dropped() -> None:
     headers = [(b"Connection", b"keep-alive, X-Hop"), (b"x-hop", b"1"), (b"x-stay", b"2")]
     assert lines(head(headers))[1:] == [b"Host: up.example", b"x-stay: 2"]
-    assert connection_tokens(headers) == {b"keep-alive", b"x-hop"}
+    assert scan(headers).connection == {b"keep-alive", b"x-hop"}
 
 
 def test_chunked_framing_line_is_kept_when_rechunking() -> None:
@@ -200,8 +198,9 @@ def test_response_head() -> None:
     ],
 )
 def test_framing(headers: list[tuple[bytes, bytes]], chunked: bool, length: int | None) -> None:
-    assert is_chunked(headers) is chunked
-    assert content_length(headers) == length
+    found = scan(headers)
+    assert found.chunked is chunked
+    assert found.content_length == length
 
 
 def test_credential_repr_hides_value() -> None:
