@@ -197,11 +197,11 @@ class TokenAuth(UpstreamAuth):
         return self.ready()
 
     async def close(self) -> None:
-        for task in (self._refresher, self._inflight):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+        tasks = [t for t in (self._refresher, self._inflight) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        # their own cancellation is the expected outcome; ours still propagates
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def status(self) -> dict[str, Any]:
         token = self._token
