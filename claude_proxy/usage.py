@@ -126,11 +126,15 @@ class UsageReader:
         if not self.stream and self._body:
             body = b"".join(self._body)
             usage = _value_after(body, b'"usage"', last=True)
-            if isinstance(usage, dict) and _TOKEN_KEYS.intersection(usage):
-                model = _value_after(body, b'"model"', last=False, size=512)
+            model = _value_after(body, b'"model"', last=False, size=512)
+            if (
+                isinstance(usage, dict)
+                and _TOKEN_KEYS.intersection(usage)
+                and (isinstance(model, str) or b'"model"' not in body)
+            ):
                 self._read({"usage": usage, "model": model})
             else:
-                self._take(body)  # an unusual layout: parse it all
+                self._take(body)  # an unusual layout (or a long, escaped name): parse it all
         self._body = None
 
     def _take(self, raw: bytes) -> None:

@@ -156,6 +156,26 @@ def test_json_bodies(doc: dict, counts: dict) -> None:
     assert reader.counts == {}  # nothing is parsed before the end
     reader.finish()
     assert reader.counts == counts
+    if counts:
+        assert reader.model == doc["model"][:200]  # names are capped at 200 characters
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model" : "claude-x" ,"usage" :\n {"input_tokens" : 10, "output_tokens":20,'
+        b' "cache_creation": {"ephemeral_5m_input_tokens": 3}, "service_tier": "standard"}}',
+        b'{"id":"x","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":10,'
+        b'"completion_tokens":20,"prompt_tokens_details":{"cached_tokens":0}}}',
+    ],
+)
+def test_scan_matches_a_full_parse(body: bytes) -> None:
+    reader = reader_for(JSON)
+    assert reader is not None
+    reader.feed(body)
+    reader.finish()
+    assert reader.counts == {"input": 10, "output": 20}
+    assert reader.model in ("claude-x", "gpt-4o")
 
 
 @pytest.mark.parametrize(
