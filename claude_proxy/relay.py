@@ -224,8 +224,8 @@ class Exchange:
         self.pending = None
         out = [self.upstream_head, *pending]
         if conn.reused and not self.retried:
-            self.replay = out[:]
-            self.replay_bytes = sum(len(b) for b in out)
+            self.replay = out  # kept (not copied) until the response starts
+            self.replay_bytes = len(self.upstream_head) + self.pending_bytes
         # Resume before writing: if this write fills the upstream's buffer, its pause_writing
         # must be the last word on whether the client is read.
         self.client.resume_reading()
