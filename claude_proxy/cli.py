@@ -130,9 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"claude-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
-        # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
-        probe = getattr(args, "probe", None)
-        return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
+        return run_check(args, loaded)
     worker = supervisor.worker_sockets()
     log_config = loaded.config.logging
     if worker is not None and log_config.log_path:
@@ -155,6 +153,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sockets = [socket.socket(fileno=fd) for fd in worker[0]] if worker is not None else []
     return run(serve(loaded, reload, sockets))
+
+
+def run_check(args: argparse.Namespace, loaded: Loaded) -> int:
+    """``claude-proxy check``: it prints its own findings, so log lines (which would only
+    repeat them) are silenced unless -v; the loggers are restored afterwards."""
+    loggers = [logging.getLogger(name) for name in ("claude_proxy", "azure")]
+    saved = [lg.level for lg in loggers]
+    quiet = logging.DEBUG if getattr(args, "verbose", False) else logging.CRITICAL
+    for lg in loggers:
+        lg.setLevel(quiet)
+    try:
+        # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
+        probe = getattr(args, "probe", None)
+        return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
+    finally:
+        for lg, level in zip(loggers, saved, strict=True):
+            lg.setLevel(level)
 
 
 def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:

@@ -6,6 +6,7 @@ import concurrent.futures
 import dataclasses
 import gc
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -355,3 +356,23 @@ def test_check_azure_cli_failures(fake_az, tmp_path, capsys, monkeypatch, mode, 
     assert message in out, out
     assert "Traceback" not in out
     gc.collect()  # let the unreaped process's warnings surface here, where they are ignored
+
+
+def test_check_token_endpoint_unreachable(tmp_path, capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]  # closed again: nothing listens there
+    path = write_config(
+        tmp_path,
+        (
+            f'type = "azure_ad"\ntenant_id = "{TENANT}"\nclient_id = "{CLIENT_ID}"\n'
+            f'client_secret = "{SECRET}"\nauthority_host = "https://127.0.0.1:{closed_port}"\n'
+            "token_timeout = 5"
+        ),
+    )
+    started = time.monotonic()
+    assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
+    assert time.monotonic() - started < 8
+    out = capsys.readouterr().out
+    assert "token:        FAILED:" in out and "result:       NOT USABLE" in out
+    assert SECRET not in out and "Traceback" not in out
