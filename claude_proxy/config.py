@@ -354,8 +354,12 @@ def _check(config: Config) -> None:
         url.port  # noqa: B018 - raises on a bad port
     except ValueError:
         raise ConfigError(f"upstream_url: bad port in {config.upstream_url!r}") from None
-    for key in ("port",):
-        if not 0 <= getattr(config, key) <= 65535:
+    for key, port in (
+        ("port", config.port),
+        ("admin.port", config.admin.port),
+        ("tls.https_port", config.tls.https_port),
+    ):
+        if port is not None and not 0 <= port <= 65535:
             raise ConfigError(f"{key}: expected 0..65535")
     for key in (
         "connect_timeout",
@@ -408,8 +412,6 @@ def _check_listeners(config: Config) -> None:
                 raise ConfigError(f"{key}: expected an IP address; got {host!r}") from None
     if config.tls.mode == "manual" and not (config.tls.cert_path and config.tls.key_path):
         raise ConfigError("tls.cert_path and tls.key_path: required when tls.mode = 'manual'")
-    if config.admin.port is not None and not 0 <= config.admin.port <= 65535:
-        raise ConfigError("admin.port: expected 0..65535")
 
 
 def parse(raw: Mapping[str, Any]) -> Config:

@@ -233,6 +233,8 @@ def test_expansion_inside_arrays_of_tables(tmp_path: Path) -> None:
         ("port = 'x'", "port: expected int; got 'x'"),
         ("port = true", "port: expected an integer"),
         ("port = 70000", "port: expected 0..65535"),
+        ("[admin]\nport = -1", r"admin\.port: expected 0\.\.65535"),
+        ("[tls]\nhttps_port = 70000", r"tls\.https_port: expected 0\.\.65535"),
         ("idle_timeout = 0", "idle_timeout: must be greater than 0"),
         ("passthrough_unauthenticated = 'yes'", "passthrough_unauthenticated: expected bool"),
         ("upstream_url = 'ftp://x'", r"upstream_url: expected http\(s\)"),
