@@ -495,28 +495,26 @@ class Exchange:
         if usage is not None:
             usage.finish()
         state = self.state
+        name = self.key_name or PASSTHROUGH
+        ttfb = self.t_first - self.t_start if self.t_first else -1.0
+        duration = time.perf_counter() - self.t_start
         metrics = state.metrics
         if metrics is not None:
-            now = time.perf_counter()
-            name = self.key_name or PASSTHROUGH
             metrics.observe(
                 route_of(self.head.target),
                 self.status,
                 name,
-                self.t_first - self.t_start if self.t_first else -1.0,
-                now - self.t_start,
+                ttfb,
+                duration,
                 self.bytes_in,
                 self.bytes_out,
             )
             if usage is not None and usage.counts:
                 metrics.usage(name, usage.model, usage.counts)
         if state.access_log:
-            self._log_access()
+            self._log_access(name, ttfb, duration)
 
-    def _log_access(self) -> None:
-        now = time.perf_counter()
-        ttfb = (self.t_first - self.t_start) * 1000 if self.t_first else -1.0
-        name = self.key_name or PASSTHROUGH
+    def _log_access(self, name: str, ttfb: float, duration: float) -> None:
         path = self.head.target.split(b"?", 1)[0].decode("latin-1")
         rid = self.state.next_request_id()
         usage = self.usage
@@ -535,8 +533,8 @@ class Exchange:
             self.status,
             self.bytes_in,
             self.bytes_out,
-            ttfb,
-            (now - self.t_start) * 1000,
+            ttfb * 1000 if ttfb >= 0 else -1.0,
+            duration * 1000,
             tokens,
             extra={
                 "request_id": rid,
