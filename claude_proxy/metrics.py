@@ -138,32 +138,34 @@ class Metrics:
         ] = {}
         self._models: set[str] = set()
         self._token_children: dict[tuple[str, str, str], Counter] = {}
-        self._gauges: Callable[[], tuple[float, float, float, float]] | None = None
+        self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
             self.upstream_errors.labels(kind)
 
-    def bind_state(self, gauges: Callable[[], tuple[float, float, float, float]]) -> None:
-        """Gauges read from the server at scrape time (nothing per request).
-
-        ``gauges`` returns (in flight, open streams, token expires in, ready). With several
-        workers a scrape cannot call into them: the server's sweeper calls :meth:`refresh`.
-        """
-        self._gauges = gauges
+    def bind_state(
+        self,
+        in_flight: Callable[[], float],
+        open_streams: Callable[[], float],
+        expires_in: Callable[[], float],
+        ready: Callable[[], float],
+    ) -> None:
+        """Gauges read from the server at scrape time, each by its own function (nothing per
+        request). With several workers a scrape cannot call into them: the server's sweeper
+        calls :meth:`refresh` instead."""
+        self._gauges = (
+            (self.in_flight, in_flight),
+            (self.open_streams, open_streams),
+            (self.expires_in, expires_in),
+            (self.ready, ready),
+        )
         if not self.multiprocess:
-            self.in_flight.set_function(lambda: gauges()[0])
-            self.open_streams.set_function(lambda: gauges()[1])
-            self.expires_in.set_function(lambda: gauges()[2])
-            self.ready.set_function(lambda: gauges()[3])
+            for gauge, read in self._gauges:
+                gauge.set_function(read)
 
     def refresh(self) -> None:
-        if self.multiprocess and self._gauges is not None:
-            values = self._gauges()
-            for gauge, value in zip(
-                (self.in_flight, self.open_streams, self.expires_in, self.ready),
-                values,
-                strict=True,
-            ):
-                gauge.set(value)
+        if self.multiprocess:
+            for gauge, read in self._gauges:
+                gauge.set(read())
 
     def observe(
         self,

@@ -450,7 +450,12 @@ class ProxyServer:
         self.state = state = ServerState(config, self.auth, pool, self.metrics)
         self.auth.metrics = self.metrics
         if self.metrics is not None:
-            self.metrics.bind_state(self.gauges)
+            self.metrics.bind_state(
+                lambda: float(state.in_flight()),
+                lambda: float(state.open_streams()),
+                self.token_expires_in,
+                lambda: 1.0 if self.readiness()[0] else 0.0,
+            )
         await self.auth.start()
         loop = asyncio.get_running_loop()
         factory = lambda: ClientConnection(state)  # noqa: E731
@@ -511,16 +516,9 @@ class ProxyServer:
             return False, "no valid upstream credential"
         return True, "ok"
 
-    def gauges(self) -> tuple[float, float, float, float]:
-        state = self.state
-        assert state is not None
+    def token_expires_in(self) -> float:
         expires = self.auth.token_expires_on
-        return (
-            float(state.in_flight()),
-            float(state.open_streams()),
-            expires - time.time() if expires is not None else float("nan"),
-            1.0 if self.readiness()[0] else 0.0,
-        )
+        return expires - time.time() if expires is not None else float("nan")
 
     def _sweep_interval(self) -> float:
         c = self.config
