@@ -1,15 +1,19 @@
 """Token usage read on the side from responses, without touching a byte sent to the client.
 
 Pure: the relay feeds the same body bytes it has already written. JSON bodies are kept (up to
-:data:`MAX_JSON`) and parsed once complete; event streams are scanned per chunk, and only the
-``data:`` lines that mention ``"usage"`` are parsed. Compressed or other content is never read.
+:data:`MAX_JSON`) and decoded once complete; event streams are scanned per chunk, and only the
+``data:`` lines that mention ``"usage"`` are decoded. Compressed or other content is never read.
 
-What is recognised:
+What is recognised, at the top level of a document or of its ``message`` / ``response``:
 
 * Anthropic JSON and ``message_start`` / ``message_delta`` events (``input_tokens``,
   ``output_tokens``, ``cache_read_input_tokens``, ``cache_creation_input_tokens``);
 * OpenAI chat completions JSON and the final chunk (``prompt_tokens``, ``completion_tokens``);
 * OpenAI responses JSON and ``response.completed`` (``input_tokens``, ``output_tokens``).
+
+msgspec decodes straight into the few fields above and skips the rest without building it,
+which for a typical reply takes well under a microsecond. A document whose fields have other
+types than expected is decoded again by the standard library and read field by field.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import json
 from collections.abc import Sequence
 from typing import Any, Final
 
+import msgspec
+
 from .headers import HeaderScan, scan
 
 MAX_JSON: Final = 4 * 1024 * 1024
 MAX_LINE: Final = 1024 * 1024
+MAX_NAME: Final = 200
 KINDS: Final = ("input", "output", "cache_read", "cache_write")
 
 
@@ -40,6 +47,8 @@ def reader_for(
     return None
 
 
+# (field, kind): a later field of the same kind wins (only one of them is ever present);
+# _read spells the same table out for the decoded struct
 _TOKEN_FIELDS: Final = (
     ("input_tokens", "input"),
     ("prompt_tokens", "input"),
@@ -48,35 +57,28 @@ _TOKEN_FIELDS: Final = (
     ("cache_read_input_tokens", "cache_read"),
     ("cache_creation_input_tokens", "cache_write"),
 )
-_TOKEN_KEYS: Final = frozenset(key for key, _ in _TOKEN_FIELDS)
-_WHITESPACE: Final = b" \t\r\n"
-_DECODER: Final = json.JSONDecoder()
-# A usage object or a model name is far shorter than this; longer: the whole body is parsed.
-_SLICE: Final = 4096
 
 
-def _value_after(body: bytes, key: bytes, *, last: bool, size: int = _SLICE) -> Any:
-    """The JSON value of ``key`` in ``body`` without parsing the rest of it.
+class _Usage(msgspec.Struct, gc=False):
+    input_tokens: int | None = None
+    prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    completion_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
 
-    In valid JSON a quote inside a string is escaped, so ``"usage"`` followed by a colon can only
-    be an object key. The top-level ``usage`` is the last one in both APIs' responses and the
-    top-level ``model`` the first; a nested one found instead fails the caller's checks and the
-    body is parsed whole. None when absent or not decodable.
-    """
-    at = body.rfind(key) if last else body.find(key)
-    if at < 0:
-        return None
-    i = at + len(key)
-    end = len(body)
-    while i < end and body[i] in _WHITESPACE:
-        i += 1
-    if i >= end or body[i] != 0x3A:  # ':'
-        return None
-    try:
-        value, _ = _DECODER.raw_decode(body[i + 1 : i + 1 + size].decode("utf-8").lstrip())
-    except ValueError:  # includes UnicodeDecodeError: a slice may cut a character
-        return None
-    return value
+
+class _Holder(msgspec.Struct, gc=False):
+    model: str | None = None
+    usage: _Usage | None = None
+
+
+class _Document(_Holder, gc=False):
+    message: _Holder | None = None  # Anthropic message_start
+    response: _Holder | None = None  # OpenAI response.completed
+
+
+_decode: Final = msgspec.json.Decoder(_Document).decode
 
 
 class UsageReader:
@@ -112,7 +114,7 @@ class UsageReader:
             body.append(data[end + 1 :])
         if data.find(b'"usage"', 0, end) >= 0:
             for line in data[:end].split(b"\n"):
-                # OpenAI repeats "usage": null in every chunk but the last: not worth a parse
+                # OpenAI repeats "usage": null in every chunk but the last: not worth a decode
                 if (
                     line.startswith(b"data:")
                     and b'"usage"' in line
@@ -123,21 +125,29 @@ class UsageReader:
 
     def finish(self) -> None:
         """Call once the response is complete (JSON is only read then)."""
-        if not self.stream and self._body:
-            body = b"".join(self._body)
-            usage = _value_after(body, b'"usage"', last=True)
-            model = _value_after(body, b'"model"', last=False, size=512)
-            if (
-                isinstance(usage, dict)
-                and _TOKEN_KEYS.intersection(usage)
-                and (isinstance(model, str) or b'"model"' not in body)
-            ):
-                self._read({"usage": usage, "model": model})
-            else:
-                self._take(body)  # an unusual layout (or a long, escaped name): parse it all
+        parts = self._body
         self._body = None
+        if self.stream or not parts:
+            return
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        if b'"usage"' in body:  # else there is nothing to find
+            self._take(body)
 
     def _take(self, raw: bytes) -> None:
+        try:
+            doc = _decode(raw)
+        except msgspec.ValidationError:  # valid JSON of another shape
+            self._take_any(raw)
+            return
+        except msgspec.DecodeError:
+            return
+        self._read(doc.usage, doc.model)
+        if doc.message is not None:
+            self._read(doc.message.usage, doc.message.model)
+        if doc.response is not None:
+            self._read(doc.response.usage, doc.response.model)
+
+    def _take_any(self, raw: bytes) -> None:
         try:
             doc = json.loads(raw)
         except ValueError:
@@ -146,17 +156,31 @@ class UsageReader:
             return
         for holder in (doc, doc.get("message"), doc.get("response")):
             if isinstance(holder, dict):
-                self._read(holder)
+                usage = holder.get("usage")
+                self._read(usage if isinstance(usage, dict) else None, holder.get("model"))
 
-    def _read(self, holder: dict[str, Any]) -> None:
-        model = holder.get("model")
+    def _read(self, usage: _Usage | dict[str, Any] | None, model: object) -> None:
         if isinstance(model, str) and model:
-            self.model = model[:200]
-        usage = holder.get("usage")
-        if not isinstance(usage, dict):
+            self.model = model[:MAX_NAME]
+        if usage is None:
+            return
+        counts = self.counts
+        # Anthropic's message_delta repeats totals so far: the latest value wins.
+        if isinstance(usage, _Usage):
+            n = usage.input_tokens if usage.prompt_tokens is None else usage.prompt_tokens
+            if n is not None and n >= 0:
+                counts["input"] = n
+            n = usage.output_tokens if usage.completion_tokens is None else usage.completion_tokens
+            if n is not None and n >= 0:
+                counts["output"] = n
+            n = usage.cache_read_input_tokens
+            if n is not None and n >= 0:
+                counts["cache_read"] = n
+            n = usage.cache_creation_input_tokens
+            if n is not None and n >= 0:
+                counts["cache_write"] = n
             return
         for key, kind in _TOKEN_FIELDS:
             value = usage.get(key)
-            # Anthropic's message_delta repeats totals so far: the latest value wins.
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                self.counts[kind] = value
+                counts[kind] = value
