@@ -1,5 +1,9 @@
 """Prometheus metrics, via prometheus-client; only recorded when the admin listener is on.
 
+A request is counted in plain integers (:class:`Tally`), at a fraction of the cost of
+prometheus-client's locked values, and the tallies are folded into the prometheus-client
+metrics when they are read: before every scrape, and each second with several workers.
+
 Labels come from bounded sets only: the route family (anthropic, openai, other), the status
 class, the client key's configured name (or passthrough / rejected / open), the upstream error
 kind, and the model name, capped at :data:`MAX_MODELS` distinct values ("other" past that).
@@ -12,6 +16,7 @@ sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start and serves the sum.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Final
 
@@ -23,6 +28,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from .usage import KINDS
 
 NAMESPACE: Final = "claude_proxy"
 REQUESTS: Final = "claude_proxy_requests"
@@ -74,8 +81,60 @@ def route_of(path: bytes) -> str:
     return "other"
 
 
+class Tally:
+    """One (route, status class, client)'s requests since the last fold, in plain numbers."""
+
+    __slots__ = (
+        "bytes_in",
+        "bytes_out",
+        "children",
+        "count",
+        "duration",
+        "duration_sum",
+        "ttfb",
+        "ttfb_sum",
+    )
+
+    def __init__(self, children: tuple[Counter, Histogram, Histogram, Counter, Counter]) -> None:
+        self.children = children
+        self.count = self.bytes_in = self.bytes_out = 0
+        self.duration_sum = self.ttfb_sum = 0.0
+        # one count per bucket (not cumulative), the last one for +Inf, as prometheus-client
+        self.duration = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.ttfb = [0] * (len(LATENCY_BUCKETS) + 1)
+
+    def fold(self) -> None:
+        requests, duration, ttfb, bytes_in, bytes_out = self.children
+        requests.inc(self.count)
+        if self.bytes_in:
+            bytes_in.inc(self.bytes_in)
+        if self.bytes_out:
+            bytes_out.inc(self.bytes_out)
+        add_to_histogram(duration, self.duration, self.duration_sum)
+        add_to_histogram(ttfb, self.ttfb, self.ttfb_sum)
+        self.count = self.bytes_in = self.bytes_out = 0
+        self.duration_sum = self.ttfb_sum = 0.0
+        self.duration = [0] * len(self.duration)
+        self.ttfb = [0] * len(self.ttfb)
+
+
+def add_to_histogram(child: Histogram, counts: list[int], total: float) -> None:
+    """Add per-bucket counts and their sum to a histogram child at once.
+
+    prometheus-client has no public call for this (``observe`` takes one value); its
+    histogram keeps one value per bucket in ``_buckets`` and the sum in ``_sum``, which a
+    unit test checks against ``observe``.
+    """
+    buckets = child._buckets
+    for i, n in enumerate(counts):
+        if n:
+            buckets[i].inc(n)
+    if total:
+        child._sum.inc(total)
+
+
 class Metrics:
-    """Every metric of one process, with labelled children cached off the hot path."""
+    """Every metric of one process; requests and tokens are tallied and folded when read."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
@@ -133,10 +192,10 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        self._children: dict[
-            tuple[str, str, str], tuple[Counter, Histogram, Histogram, Counter, Counter]
-        ] = {}
+        self._tallies: dict[tuple[str, int, str], Tally] = {}
         self._models: set[str] = set()
+        # (client, model) -> [input, output, cache_read, cache_write] since the last fold
+        self._tokens: dict[tuple[str, str], list[int]] = {}
         self._token_children: dict[tuple[str, str, str], Counter] = {}
         self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
@@ -163,9 +222,26 @@ class Metrics:
                 gauge.set_function(read)
 
     def refresh(self) -> None:
+        """With several workers, called each second: what the supervisor's scrape reads."""
         if self.multiprocess:
+            self.fold()
             for gauge, read in self._gauges:
                 gauge.set(read())
+
+    def fold(self) -> None:
+        """Move what was tallied since the last fold into the prometheus-client metrics."""
+        for tally in self._tallies.values():
+            if tally.count:
+                tally.fold()
+        for (client, model), counts in self._tokens.items():
+            for kind, n in zip(KINDS, counts, strict=True):
+                if n:
+                    key = (client, model, kind)
+                    child = self._token_children.get(key)
+                    if child is None:
+                        child = self._token_children[key] = self.tokens.labels(*key)
+                    child.inc(n)
+        self._tokens.clear()
 
     def observe(
         self,
@@ -177,25 +253,26 @@ class Metrics:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        key = (route, STATUS_CLASS.get(status // 100, "other"), client)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
-                self.requests.labels(*key),
-                self.duration.labels(route),
-                self.ttfb.labels(route),
-                self.bytes_in.labels(route),
-                self.bytes_out.labels(route),
+        key = (route, status // 100, client)
+        tally = self._tallies.get(key)
+        if tally is None:
+            tally = self._tallies[key] = Tally(
+                (
+                    self.requests.labels(route, STATUS_CLASS.get(key[1], "other"), client),
+                    self.duration.labels(route),
+                    self.ttfb.labels(route),
+                    self.bytes_in.labels(route),
+                    self.bytes_out.labels(route),
+                )
             )
-        requests, dur, first, b_in, b_out = children
-        requests.inc()
-        dur.observe(duration)
+        tally.count += 1
+        tally.bytes_in += bytes_in
+        tally.bytes_out += bytes_out
+        tally.duration[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        tally.duration_sum += duration
         if ttfb >= 0:
-            first.observe(ttfb)
-        if bytes_in:
-            b_in.inc(bytes_in)
-        if bytes_out:
-            b_out.inc(bytes_out)
+            tally.ttfb[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
+            tally.ttfb_sum += ttfb
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()
@@ -207,17 +284,19 @@ class Metrics:
                 name = "other"
             else:
                 self._models.add(name)
-        for kind, n in counts.items():
-            if n:
-                key = (client, name, kind)
-                child = self._token_children.get(key)
-                if child is None:
-                    child = self._token_children[key] = self.tokens.labels(*key)
-                child.inc(n)
+        tokens = self._tokens.get((client, name))
+        if tokens is None:
+            tokens = self._tokens[(client, name)] = [0, 0, 0, 0]
+        get = counts.get
+        tokens[0] += get("input", 0)
+        tokens[1] += get("output", 0)
+        tokens[2] += get("cache_read", 0)
+        tokens[3] += get("cache_write", 0)
 
 
 def exposition(metrics: Metrics) -> bytes:
     """The text format for a scrape of this process."""
+    metrics.fold()
     return generate_latest(metrics.registry)
 
 

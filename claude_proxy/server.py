@@ -582,6 +582,8 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         state.pool.close()
+        if self.metrics is not None:
+            self.metrics.refresh()  # with several workers: the last second's counts
         if self.admin is not None:
             await self.admin.close()
         await self.auth.close()
