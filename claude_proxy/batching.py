@@ -19,7 +19,8 @@ class Batch:
     """The batch of one event loop: open while a read is being handled.
 
     Work that must not hold bytes back (usage reading, metrics, access lines) is deferred with
-    :meth:`defer` and runs once the batch's writes are out.
+    :meth:`defer`: it runs once per turn of the event loop, after the writes of every read of
+    that turn are out, all in one go (cheaper than a little after each read).
     """
 
     __slots__ = ("deferred", "pending")
@@ -39,20 +40,20 @@ class Batch:
         pending, self.pending = self.pending, None
         for writer in pending or ():
             writer.flush()
-        if self.deferred:
-            deferred, self.deferred = self.deferred, []
-            for fn, args in deferred:
-                try:
-                    fn(*args)
-                except Exception:  # bookkeeping must never break the relay
-                    logger.exception("error in deferred bookkeeping")
 
     def defer(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn(*args)`` after the writes of the open batch; at once when none is open."""
-        if self.pending is None:
-            fn(*args)
-        else:
-            self.deferred.append((fn, args))
+        """Run ``fn(*args)`` soon, after this turn's writes; deferred calls keep their order."""
+        if not self.deferred:
+            asyncio.get_running_loop().call_soon(self.run_deferred)
+        self.deferred.append((fn, args))
+
+    def run_deferred(self) -> None:
+        deferred, self.deferred = self.deferred, []
+        for fn, args in deferred:
+            try:
+                fn(*args)
+            except Exception:  # bookkeeping must never break the relay
+                logger.exception("error in deferred bookkeeping")
 
 
 class Batched:

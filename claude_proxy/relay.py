@@ -319,8 +319,12 @@ class Exchange:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.client.write(data)
-        if self.usage is not None:
-            self.state.batch.defer(self.usage.feed, data)  # once the bytes are on their way
+        usage = self.usage
+        if usage is not None:
+            if self.streaming:
+                self.state.batch.defer(usage.feed, data)  # scanned once the bytes are on their way
+            else:
+                usage.feed(data)  # JSON is only kept until complete
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
         if self.chunked_out:
