@@ -36,14 +36,16 @@ def reader_for(
     headers: Sequence[tuple[bytes, bytes]], scanned: HeaderScan | None = None
 ) -> UsageReader | None:
     """A reader when the response is plain JSON or an event stream, else None."""
-    scanned = scanned or scan(headers)
-    if scanned.content_encoding not in (b"", b"identity"):
+    if scanned is None:
+        scanned = scan(headers)
+    encoding = scanned.content_encoding
+    if encoding and encoding != b"identity":
         return None
     ctype = scanned.content_type
-    if ctype.startswith(b"text/event-stream"):
-        return UsageReader(stream=True)
     if ctype.startswith(b"application/json"):
-        return UsageReader(stream=False)
+        return UsageReader(False)
+    if ctype.startswith(b"text/event-stream"):
+        return UsageReader(True)
     return None
 
 
@@ -84,7 +86,7 @@ _decode: Final = msgspec.json.Decoder(_Document).decode
 class UsageReader:
     __slots__ = ("_body", "_size", "counts", "model", "stream")
 
-    def __init__(self, *, stream: bool) -> None:
+    def __init__(self, stream: bool) -> None:
         self.stream = stream
         self._body: list[bytes] | None = []
         self._size = 0
@@ -129,9 +131,7 @@ class UsageReader:
         self._body = None
         if self.stream or not parts:
             return
-        body = parts[0] if len(parts) == 1 else b"".join(parts)
-        if b'"usage"' in body:  # else there is nothing to find
-            self._take(body)
+        self._take(parts[0] if len(parts) == 1 else b"".join(parts))
 
     def _take(self, raw: bytes) -> None:
         try:
