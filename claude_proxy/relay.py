@@ -79,6 +79,7 @@ class Exchange:
         "state",
         "status",
         "streaming",
+        "t_end",
         "t_first",
         "t_start",
         "task",
@@ -125,6 +126,7 @@ class Exchange:
         self.bytes_out = 0
         self.t_start = time.perf_counter()
         self.t_first = 0.0
+        self.t_end = 0.0
         self.watch_bytes = -1
         self.watch_since = 0.0
 
@@ -490,6 +492,7 @@ class Exchange:
             self.upstream.close()
             self.upstream = None
         if self.state.metrics is not None or self.state.access_log:
+            self.t_end = time.perf_counter()
             self.state.batch.defer(self._account)  # once the last bytes are on their way
         self.client.exchange_finished(self)
 
@@ -501,7 +504,7 @@ class Exchange:
         state = self.state
         name = self.key_name or PASSTHROUGH
         ttfb = self.t_first - self.t_start if self.t_first else -1.0
-        duration = time.perf_counter() - self.t_start
+        duration = self.t_end - self.t_start
         metrics = state.metrics
         if metrics is not None:
             metrics.observe(
