@@ -407,8 +407,10 @@ def run(env: Env) -> dict[str, Any]:
             "nginx": sse_run(env, env.ngx_sse, streams, nginx_worker_pid(env)),
             "claude-proxy": sse_run(env, cp, streams, cp_pid),
         }
-        results["sse"][str(streams)] = row
-        report_sse(streams, row)
+    with claude_proxy(env, f"http://127.0.0.1:{env.sse}", metrics=True) as (cp, cp_pid):
+        row["+ metrics, usage"] = sse_run(env, cp, streams, cp_pid)
+    results["sse"][str(streams)] = row
+    report_sse(streams, row)
     for workers in (1, 2):
         with claude_proxy(env, direct, workers=workers) as (cp, _):
             results["workers"][str(workers)] = wrk(
@@ -502,17 +504,17 @@ def report_row(label: str, row: dict[str, dict[str, float]], key: str = "rps") -
 
 def report_sse(streams: int, row: dict[str, dict[str, float]]) -> None:
     d = row["direct"]
-    for name in ("nginx", "claude-proxy"):
+    for name in ("nginx", "claude-proxy", "+ metrics, usage"):
         r = row[name]
         print(
-            f"SSE {streams} streams, {name:<13} added p50 {r['p50_ms'] - d['p50_ms']:6.2f} ms"
+            f"SSE {streams} streams, {name:<16} added p50 {r['p50_ms'] - d['p50_ms']:6.2f} ms"
             f"  p99 {r['p99_ms'] - d['p99_ms']:6.2f} ms  max {r['max_ms']:7.1f} ms"
             f"  completed {r['completed']}/{streams}"
             f"  RSS/stream {r.get('rss_per_stream_kb', float('nan')):5.1f} KB",
             flush=True,
         )
     print(
-        f"SSE {streams} streams, direct        p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f}"
+        f"SSE {streams} streams, direct           p50 {d['p50_ms']:6.2f} ms  p99 {d['p99_ms']:6.2f}"
         f" ms  events {d['events']:.0f}",
         flush=True,
     )

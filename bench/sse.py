@@ -1,8 +1,9 @@
 """SSE benchmark peers: a light upstream that stamps every event, and a client that measures.
 
 ``python -m bench.sse server PORT EVENTS INTERVAL`` serves ``GET /sse``: a chunked
-``text/event-stream`` of EVENTS events, one every INTERVAL seconds, each carrying the
-``time.time_ns()`` at which it was written. ``python -m bench.sse client URL N KEY`` opens N
+``text/event-stream`` of EVENTS events shaped as an Anthropic Messages stream (usage in the
+first and last), one every INTERVAL seconds, each carrying in ``"t"`` the ``time.time_ns()`` at
+which it was written. ``python -m bench.sse client URL N KEY`` opens N
 streams and prints JSON with the delay between each event's stamp and its arrival.
 """
 
@@ -58,6 +59,21 @@ class _Stream(asyncio.Protocol):
         self.server.streams.discard(self)
 
 
+FIRST = (
+    b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_bench",'
+    b'"type":"message","role":"assistant","model":"bench-model","content":[],'
+    b'"usage":{"input_tokens":12,"output_tokens":1}},"t":%d}\n\n'
+)
+DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hello there"},"t":%d}\n\n'
+)
+LAST = (
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+    b'"usage":{"output_tokens":34},"t":%d}\n\n'
+)
+
+
 class SseServer:
     def __init__(self, events: int, interval: float) -> None:
         self.events = events
@@ -71,7 +87,13 @@ class SseServer:
             next_at += self.interval
             await asyncio.sleep(max(0.0, next_at - loop.time()))
             for stream in list(self.streams):
-                data = b"data: %d\n\n" % time.time_ns()
+                if stream.left == self.events:
+                    event = FIRST
+                elif stream.left == 1:
+                    event = LAST
+                else:
+                    event = DELTA
+                data = event % time.time_ns()
                 transport = stream.transport
                 assert transport is not None
                 transport.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -98,15 +120,15 @@ class _Client(asyncio.Protocol):
         buf = self.buf + data
         start = 0
         while True:
-            i = buf.find(b"data: ", start)
+            i = buf.find(b'"t":', start)
             if i < 0:
                 break
-            j = buf.find(b"\n", i)
+            j = buf.find(b"}", i)
             if j < 0:
                 break
-            self.sink.append((now - int(buf[i + 6 : j])) / 1e6)
+            self.sink.append((now - int(buf[i + 4 : j])) / 1e6)
             start = j
-        self.buf = buf[start:] if start else buf[-64:]
+        self.buf = buf[start:] if start else buf[-256:]
         if buf.endswith(b"0\r\n\r\n") and not self.done.done():
             self.done.set_result(None)
 
