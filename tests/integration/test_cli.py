@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -131,6 +132,7 @@ class Proc:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,  # its own process group, workers included: see kill()
         )
         self.lines: list[str] = []
         self._cond = threading.Condition()
@@ -163,12 +165,23 @@ class Proc:
     def output(self) -> str:
         return "".join(self.lines)
 
+    def kill(self) -> None:
+        """Kill the process and any worker it left behind (they would hold stdout open)."""
+        with contextlib.suppress(ProcessLookupError):
+            if hasattr(os, "killpg"):
+                os.killpg(self.p.pid, signal.SIGKILL)
+            else:
+                self.p.kill()
+
     def stop(self) -> int:
         if self.p.poll() is None:
             self.p.send_signal(signal.SIGTERM)
         code = self.p.wait(20)
         self._reader.join(5)
-        if self.p.stdout is not None:
+        if self._reader.is_alive():
+            self.kill()
+            self._reader.join(5)
+        if self.p.stdout is not None and not self._reader.is_alive():
             self.p.stdout.close()
         return code
 
@@ -185,7 +198,7 @@ def proc_factory(tmp_path: Path) -> Iterator:
     yield make
     for proc in procs:
         if proc.p.poll() is None:
-            proc.p.kill()
+            proc.kill()
         proc.stop()
 
 
@@ -362,6 +375,18 @@ def test_workers_share_the_port_are_replaced_and_aggregate_metrics(
         == 200
     )
     assert "exited with -9; starting a new one" in proc.output
+    # Workers fold their counts into the shared files each second; one that is stopped right
+    # after serving folds them on its way out, so nothing is lost.
+    for _ in range(10):
+        resp = exchange(
+            port, request_bytes("POST", "/v1/messages", [("x-api-key", CLIENT_KEY)], b"{}")
+        )
+        assert resp.status == 200
+    before = children(proc.p.pid)
+    for pid in before:
+        os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: len(children(proc.p.pid) - before) == 2, timeout=15)
+    assert metric(get("/metrics")[1], "claude_proxy_requests_total", client="default") == 30
     proc.p.send_signal(signal.SIGTERM)
     assert proc.p.wait(20) == 0
     assert "all workers stopped" in proc.output
