@@ -194,8 +194,10 @@ class Metrics:
         )
         self._tallies: dict[tuple[str, int, str], Tally] = {}
         self._models: set[str] = set()
-        # (client, model) -> [input, output, cache_read, cache_write] since the last fold
-        self._tokens: dict[tuple[str, str], list[int]] = {}
+        # (client, model label) -> [input, output, cache_read, cache_write] since the last fold,
+        # and the same lists by (client, model as reported), the request path's lookup
+        self._totals: dict[tuple[str, str], list[int]] = {}
+        self._tokens: dict[tuple[str, str | None], list[int]] = {}
         self._token_children: dict[tuple[str, str, str], Counter] = {}
         self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
@@ -233,15 +235,16 @@ class Metrics:
         for tally in self._tallies.values():
             if tally.count:
                 tally.fold()
-        for (client, model), counts in self._tokens.items():
-            for kind, n in zip(KINDS, counts, strict=True):
+        for (client, model), total in self._totals.items():
+            for i, kind in enumerate(KINDS):
+                n = total[i]
                 if n:
                     key = (client, model, kind)
                     child = self._token_children.get(key)
                     if child is None:
                         child = self._token_children[key] = self.tokens.labels(*key)
                     child.inc(n)
-        self._tokens.clear()
+                    total[i] = 0
 
     def observe(
         self,
@@ -277,21 +280,40 @@ class Metrics:
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()
 
-    def usage(self, client: str, model: str | None, counts: dict[str, int]) -> None:
+    def usage(self, client: str, model: str | None, tokens: list[int]) -> None:
+        """Add one response's ``tokens`` (one count per kind, -1 for none)."""
+        key = (client, model)
+        total = self._tokens.get(key)
+        if total is None:
+            total = self._token_total(client, model)
+        n = tokens[0]
+        if n > 0:
+            total[0] += n
+        n = tokens[1]
+        if n > 0:
+            total[1] += n
+        n = tokens[2]
+        if n > 0:
+            total[2] += n
+        n = tokens[3]
+        if n > 0:
+            total[3] += n
+
+    def _token_total(self, client: str, model: str | None) -> list[int]:
+        """The running total for a client and model; past :data:`MAX_MODELS` distinct names,
+        models share the one labelled "other" (and are looked up here each time)."""
         name = model or "unknown"
         if name not in self._models:
             if len(self._models) >= MAX_MODELS:
                 name = "other"
             else:
                 self._models.add(name)
-        tokens = self._tokens.get((client, name))
-        if tokens is None:
-            tokens = self._tokens[(client, name)] = [0, 0, 0, 0]
-        get = counts.get
-        tokens[0] += get("input", 0)
-        tokens[1] += get("output", 0)
-        tokens[2] += get("cache_read", 0)
-        tokens[3] += get("cache_write", 0)
+        total = self._totals.get((client, name))
+        if total is None:
+            total = self._totals[(client, name)] = [0, 0, 0, 0]
+        if name != "other":
+            self._tokens[(client, model)] = total
+        return total
 
 
 def exposition(metrics: Metrics) -> bytes:

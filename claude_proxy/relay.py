@@ -516,8 +516,8 @@ class Exchange:
                 self.bytes_in,
                 self.bytes_out,
             )
-            if usage is not None and usage.counts:
-                metrics.usage(name, usage.model, usage.counts)
+            if usage is not None and usage.tokens is not None:
+                metrics.usage(name, usage.model, usage.tokens)
         if state.access_log:
             self._log_access(name, ttfb, duration)
 

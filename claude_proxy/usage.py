@@ -49,15 +49,15 @@ def reader_for(
     return None
 
 
-# (field, kind): a later field of the same kind wins (only one of them is ever present);
-# _read spells the same table out for the decoded struct
+# (field, index in KINDS): a later field of the same kind wins (only one of them is ever
+# present); _read spells the same table out for the decoded struct
 _TOKEN_FIELDS: Final = (
-    ("input_tokens", "input"),
-    ("prompt_tokens", "input"),
-    ("output_tokens", "output"),
-    ("completion_tokens", "output"),
-    ("cache_read_input_tokens", "cache_read"),
-    ("cache_creation_input_tokens", "cache_write"),
+    ("input_tokens", 0),
+    ("prompt_tokens", 0),
+    ("output_tokens", 1),
+    ("completion_tokens", 1),
+    ("cache_read_input_tokens", 2),
+    ("cache_creation_input_tokens", 3),
 )
 
 
@@ -84,14 +84,25 @@ _decode: Final = msgspec.json.Decoder(_Document).decode
 
 
 class UsageReader:
-    __slots__ = ("_body", "_size", "counts", "model", "stream")
+    """``tokens``: None until the response reports usage, then one count per :data:`KINDS`
+    (-1 where it reported none of that kind)."""
+
+    __slots__ = ("_body", "_size", "model", "stream", "tokens")
 
     def __init__(self, stream: bool) -> None:
         self.stream = stream
         self._body: list[bytes] | None = []
         self._size = 0
-        self.counts: dict[str, int] = {}
+        self.tokens: list[int] | None = None
         self.model: str | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """The counts reported, by kind."""
+        tokens = self.tokens
+        if tokens is None:
+            return {}
+        return {kind: n for kind, n in zip(KINDS, tokens, strict=True) if n >= 0}
 
     def feed(self, data: bytes) -> None:
         body = self._body
@@ -164,23 +175,25 @@ class UsageReader:
             self.model = model[:MAX_NAME]
         if usage is None:
             return
-        counts = self.counts
+        tokens = self.tokens
+        if tokens is None:
+            tokens = self.tokens = [-1, -1, -1, -1]
         # Anthropic's message_delta repeats totals so far: the latest value wins.
         if isinstance(usage, _Usage):
             n = usage.input_tokens if usage.prompt_tokens is None else usage.prompt_tokens
             if n is not None and n >= 0:
-                counts["input"] = n
+                tokens[0] = n
             n = usage.output_tokens if usage.completion_tokens is None else usage.completion_tokens
             if n is not None and n >= 0:
-                counts["output"] = n
+                tokens[1] = n
             n = usage.cache_read_input_tokens
             if n is not None and n >= 0:
-                counts["cache_read"] = n
+                tokens[2] = n
             n = usage.cache_creation_input_tokens
             if n is not None and n >= 0:
-                counts["cache_write"] = n
+                tokens[3] = n
             return
-        for key, kind in _TOKEN_FIELDS:
+        for key, index in _TOKEN_FIELDS:
             value = usage.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                counts[kind] = value
+                tokens[index] = value

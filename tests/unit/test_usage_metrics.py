@@ -263,7 +263,7 @@ def test_route_of(path: bytes, route: str) -> None:
 def test_metric_labels_stay_bounded() -> None:
     metrics = Metrics()
     for i in range(MAX_MODELS + 50):
-        metrics.usage("alice", f"model-{i}", {"input": 1})
+        metrics.usage("alice", f"model-{i}", [1, -1, -1, -1])
     text = exposition(metrics).decode()
     models = {
         line.split('model="')[1].split('"')[0]
@@ -271,6 +271,9 @@ def test_metric_labels_stay_bounded() -> None:
         if line.startswith("claude_proxy_tokens_total{")
     }
     assert len(models) == MAX_MODELS + 1 and "other" in models
+    metrics.usage("alice", "model-999", [1, -1, -1, -1])  # past the cap, every time
+    text = exposition(metrics).decode()
+    assert 'claude_proxy_tokens_total{client="alice",kind="input",model="other"} 51.0' in text
     metrics.observe("anthropic", 200, "alice", 0.01, 0.02, 10, 20)
     metrics.observe("anthropic", 503, "alice", -1.0, 0.02, 10, 20)
     text = exposition(metrics).decode()
@@ -322,11 +325,11 @@ def test_tallies_fold_into_what_observe_would_have_recorded() -> None:
 
 def test_tokens_are_summed_per_client_and_model() -> None:
     metrics = Metrics()
-    metrics.usage("alice", "m1", {"input": 3, "output": 4})
-    metrics.usage("alice", "m1", {"input": 1, "cache_read": 2})
-    metrics.usage("bob", None, {"output": 5, "cache_write": 6})
+    metrics.usage("alice", "m1", [3, 4, -1, -1])
+    metrics.usage("alice", "m1", [1, -1, 2, 0])
+    metrics.usage("bob", None, [-1, 5, -1, 6])
     exposition(metrics)
-    metrics.usage("alice", "m1", {"output": 10})
+    metrics.usage("alice", "m1", [-1, 10, -1, -1])
     exposition(metrics)
     assert samples(metrics.registry, "claude_proxy_tokens_total") == {
         (("client", "alice"), ("kind", "input"), ("model", "m1")): 4,
