@@ -4,6 +4,9 @@ Relaying a small request takes a request head and a body to the upstream, and a 
 and a body back; written one by one, each is a system call. While a protocol handles a read,
 writes to any connection are collected and sent, one write per connection, when the read has
 been handled. Nothing waits longer than the read that caused it.
+
+Bookkeeping (usage reading, metrics, access lines) waits instead: it is collected and run
+once per turn of the event loop, in one go, after the bytes it accounts for have gone out.
 """
 
 from __future__ import annotations
@@ -19,15 +22,17 @@ class Batch:
     """The batch of one event loop: open while a read is being handled.
 
     Work that must not hold bytes back (usage reading, metrics, access lines) is deferred with
-    :meth:`defer`: it runs once per turn of the event loop, after the writes of every read of
-    that turn are out, all in one go (cheaper than a little after each read).
+    :meth:`defer` and run, in order and all in one go, after the loop turn (cheaper
+    than a little after each read), or when :meth:`run_deferred` is called (before a scrape,
+    at shutdown).
     """
 
-    __slots__ = ("deferred", "pending")
+    __slots__ = ("_handle", "deferred", "pending")
 
     def __init__(self) -> None:
         self.pending: list[Batched] | None = None
         self.deferred: list[tuple[Callable[..., object], tuple[object, ...]]] = []
+        self._handle: asyncio.Handle | None = None
 
     def begin(self) -> bool:
         """Open the batch; False when it is already open (the caller must not end it)."""
@@ -42,12 +47,16 @@ class Batch:
             writer.flush()
 
     def defer(self, fn: Callable[..., object], *args: object) -> None:
-        """Run ``fn(*args)`` soon, after this turn's writes; deferred calls keep their order."""
-        if not self.deferred:
-            asyncio.get_running_loop().call_soon(self.run_deferred)
+        """Run ``fn(*args)`` after this loop turn; deferred calls keep their order."""
+        if self._handle is None:
+            self._handle = asyncio.get_running_loop().call_soon(self.run_deferred)
         self.deferred.append((fn, args))
 
     def run_deferred(self) -> None:
+        """Run what was deferred, now."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
         deferred, self.deferred = self.deferred, []
         for fn, args in deferred:
             try:

@@ -491,7 +491,7 @@ class ProxyServer:
             self.admin = AdminServer(
                 config.admin.bind_address,
                 config.admin.port,
-                lambda: exposition(metrics),
+                lambda: self._exposition(metrics),
                 self.readiness,
             )
             await self.admin.start()
@@ -538,6 +538,11 @@ class ProxyServer:
                 self.metrics.refresh()
             flush_handlers()
 
+    def _exposition(self, metrics: Metrics) -> bytes:
+        if self.state is not None:
+            self.state.batch.run_deferred()  # the requests of the last millisecond too
+        return exposition(metrics)
+
     def reload(self, config: Config) -> None:
         """New client keys, log settings and TLS certificate; the rest needs a restart."""
         assert self.state is not None
@@ -582,6 +587,7 @@ class ProxyServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         state.pool.close()
+        state.batch.run_deferred()  # the last requests' metrics and access lines
         if self.metrics is not None:
             self.metrics.refresh()  # with several workers: the last second's counts
         if self.admin is not None:
