@@ -85,6 +85,15 @@ def rss_kb(pid: int) -> int:
     return int(m.group(1)) if m else 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process has used so far (NaN without /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -425,41 +434,54 @@ def observe(env: Env) -> dict[str, dict[str, float]]:
 
     Three processes run side by side (only the one under load uses the relay's core) and are
     measured in alternating rounds, so that drift between runs does not pass for a cost. Usage
-    reading is measured against the same reply served as text/plain, which is not read.
+    reading is measured against the same reply served as text/plain, which is not read. The
+    relay's CPU time per request is the steadier figure; throughput follows it.
     """
     conns = 16 if env.smoke else 64
     secs = 1.0 if env.smoke else 4.0
     upstream = f"http://127.0.0.1:{env.up}"
     with contextlib.ExitStack() as stack:
-        plain, _ = stack.enter_context(claude_proxy(env, upstream))
-        metrics, _ = stack.enter_context(claude_proxy(env, upstream, metrics=True))
-        logged, _ = stack.enter_context(claude_proxy(env, upstream, metrics=True, access_log=True))
+        plain = stack.enter_context(claude_proxy(env, upstream))
+        metrics = stack.enter_context(claude_proxy(env, upstream, metrics=True))
+        logged = stack.enter_context(claude_proxy(env, upstream, metrics=True, access_log=True))
         cases = {
             "claude-proxy": (plain, "/v1/messages"),
             "metrics": (metrics, UNREAD_PATH),
             "usage": (metrics, "/v1/messages"),
             "access_log": (logged, "/v1/messages"),
         }
-        runs: dict[str, list[float]] = {name: [] for name in cases}
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
         for _ in range(1 if env.smoke else 3):
-            for name, (port, path) in cases.items():
-                runs[name].append(wrk(env, f"http://127.0.0.1:{port}{path}", conns, secs)["rps"])
-    rows = {name: {"rps": sum(r) / len(r), "runs": len(r)} for name, r in runs.items()}
+            for name, ((port, pid), path) in cases.items():
+                before = cpu_seconds(pid)
+                rps = wrk(env, f"http://127.0.0.1:{port}{path}", conns, secs)["rps"]
+                used = cpu_seconds(pid) - before
+                runs[name].append((rps, used / (rps * secs) * 1e6 if rps else float("nan")))
+    rows = {
+        name: {
+            "rps": sum(rps for rps, _ in r) / len(r),
+            "cpu_us": sum(cpu for _, cpu in r) / len(r),
+            "runs": len(r),
+        }
+        for name, r in runs.items()
+    }
     labels = {
         "claude-proxy": f"observability c={conns}: claude-proxy",
         "metrics": "+ metrics (reply not read)",
         "usage": "+ usage reading",
         "access_log": "+ access log file",
     }
-    before = 0.0
+    before: dict[str, float] = {}
     for name, label in labels.items():
-        rps = rows[name]["rps"]
-        line = f"{label:<34} {rps:>9.0f} req/s"
-        if before and rps:
-            cost = 1e6 / rps - 1e6 / before
-            line += f"  ({rps / before - 1:+.1%} throughput; {cost:+.1f} us per request)"
+        row = rows[name]
+        line = f"{label:<34} {row['rps']:>9.0f} req/s  CPU {row['cpu_us']:5.1f} us/request"
+        if before:
+            line += (
+                f"  ({row['rps'] / before['rps'] - 1:+.1%} throughput,"
+                f" {row['cpu_us'] - before['cpu_us']:+.1f} us CPU per request)"
+            )
         print(line, flush=True)
-        before = rps
+        before = row
     return rows
 
 
