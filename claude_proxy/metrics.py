@@ -286,6 +286,7 @@ class Metrics:
         total = self._tokens.get(key)
         if total is None:
             total = self._token_total(client, model)
+        # spelled out rather than looped: this runs once per response
         n = tokens[0]
         if n > 0:
             total[0] += n

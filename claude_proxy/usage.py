@@ -12,8 +12,9 @@ What is recognised, at the top level of a document or of its ``message`` / ``res
 * OpenAI responses JSON and ``response.completed`` (``input_tokens``, ``output_tokens``).
 
 msgspec decodes straight into the few fields above and skips the rest without building it,
-which for a typical reply takes well under a microsecond. A document whose fields have other
-types than expected is decoded again by the standard library and read field by field.
+which for a typical reply takes well under a microsecond. A document it cannot take (fields of
+other types than expected, a byte order mark) is decoded again by the standard library and
+read field by field.
 """
 
 from __future__ import annotations
@@ -147,10 +148,8 @@ class UsageReader:
     def _take(self, raw: bytes) -> None:
         try:
             doc = _decode(raw)
-        except msgspec.ValidationError:  # valid JSON of another shape
+        except msgspec.DecodeError:  # another shape (or a byte order mark): the slow way
             self._take_any(raw)
-            return
-        except msgspec.DecodeError:
             return
         self._read(doc.usage, doc.model)
         if doc.message is not None:

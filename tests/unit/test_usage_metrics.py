@@ -225,6 +225,14 @@ def test_not_read(headers: list[tuple[bytes, bytes]]) -> None:
     assert reader_for(headers) is None
 
 
+def test_a_byte_order_mark_is_allowed() -> None:
+    reader = reader_for(JSON)
+    assert reader is not None
+    reader.feed(b'\xef\xbb\xbf{"model": "m", "usage": {"input_tokens": 3}}')
+    reader.finish()
+    assert reader.counts == {"input": 3} and reader.model == "m"
+
+
 def test_a_body_without_usage_counts_nothing() -> None:
     reader = reader_for(JSON)
     assert reader is not None
