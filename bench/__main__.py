@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,12 +248,18 @@ def start_servers(env: Env) -> None:
 
 @contextlib.contextmanager
 def claude_proxy(
-    env: Env, upstream: str, workers: int = 1, *, metrics: bool = False, access_log: bool = False
+    env: Env,
+    upstream: str,
+    workers: int = 1,
+    *,
+    metrics: bool = False,
+    access_log: bool = False,
+    admin_port: int = 0,
 ) -> Iterator[tuple[int, int]]:
     """A claude-proxy process in front of ``upstream``; yields (port, pid).
 
-    ``metrics``: with the admin listener (metrics and usage reading); ``access_log``: with an
-    access log file.
+    ``metrics``: with the admin listener (metrics and usage reading) on ``admin_port``;
+    ``access_log``: with an access log file.
     """
     port = free_port()
     conf = env.work / f"cp-{port}.toml"
@@ -260,7 +267,7 @@ def claude_proxy(
         f'[logging]\nlevel = "info"\nlog_path = "{env.work}/logs"\n'
         if access_log
         else '[logging]\nlevel = "warn"\n'
-    ) + ("[admin]\nport = 0\n" if metrics else "")
+    ) + (f"[admin]\nport = {admin_port}\n" if metrics else "")
     conf.write_text(
         f'upstream_url = "{upstream}"\nport = {port}\nworkers = {workers}\n'
         f'client_api_key = "{KEY}"\n[upstream_auth]\ntype = "api_key"\n'
@@ -442,7 +449,8 @@ def observe(env: Env) -> dict[str, dict[str, float]]:
     upstream = f"http://127.0.0.1:{env.up}"
     with contextlib.ExitStack() as stack:
         plain = stack.enter_context(claude_proxy(env, upstream))
-        metrics = stack.enter_context(claude_proxy(env, upstream, metrics=True))
+        admin = free_port()
+        metrics = stack.enter_context(claude_proxy(env, upstream, metrics=True, admin_port=admin))
         logged = stack.enter_context(claude_proxy(env, upstream, metrics=True, access_log=True))
         cases = {
             "claude-proxy": (plain, "/v1/messages"),
@@ -457,6 +465,7 @@ def observe(env: Env) -> dict[str, dict[str, float]]:
                 rps = wrk(env, f"http://127.0.0.1:{port}{path}", conns, secs)["rps"]
                 used = cpu_seconds(pid) - before
                 runs[name].append((rps, used / (rps * secs) * 1e6 if rps else float("nan")))
+        tokens = tokens_counted(admin)
     rows = {
         name: {
             "rps": sum(rps for rps, _ in r) / len(r),
@@ -482,7 +491,24 @@ def observe(env: Env) -> dict[str, dict[str, float]]:
             )
         print(line, flush=True)
         before = row
+    # the A/B means nothing unless the reader did read: the bench reply has 46 tokens
+    print(f"{'  (tokens counted by usage reading)':<34} {tokens:>9.0f}", flush=True)
+    if not tokens:
+        print("usage reading counted no tokens: the usage row measured nothing", file=sys.stderr)
+    rows["usage"]["tokens_counted"] = tokens
     return rows
+
+
+def tokens_counted(admin_port: int) -> float:
+    """The sum of claude_proxy_tokens_total on a proxy's /metrics."""
+    url = f"http://127.0.0.1:{admin_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("claude_proxy_tokens_total{")
+    )
 
 
 def large(env: Env, targets: dict[str, int], method: str, path: str, body: str) -> dict[str, Any]:
