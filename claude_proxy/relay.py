@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from . import headers as hdr
+from . import usage as usage_
 from .client_auth import PASSTHROUGH, REJECTED, authenticate, presented
 from .errors import (
     BadRequest,
@@ -31,7 +32,7 @@ from .errors import (
 )
 from .metrics import route_of
 from .upstream import UpstreamConnection
-from .usage import UsageReader, reader_for
+from .usage import StreamReader
 
 if TYPE_CHECKING:
     from .server import ClientConnection, RequestHead, ServerState
@@ -71,6 +72,7 @@ class Exchange:
         "pending_bytes",
         "replay",
         "replay_bytes",
+        "reply",
         "request_done",
         "response_done",
         "response_started",
@@ -78,6 +80,7 @@ class Exchange:
         "sent_all",
         "state",
         "status",
+        "stream_reader",
         "streaming",
         "t_end",
         "t_first",
@@ -86,7 +89,6 @@ class Exchange:
         "until_close",
         "upstream",
         "upstream_head",
-        "usage",
         "watch_bytes",
         "watch_since",
         "wrote_error",
@@ -120,7 +122,8 @@ class Exchange:
         self.close_after = not head.keep_alive
         self.discarded = 0
         self.status = 0
-        self.usage: UsageReader | None = None
+        self.reply: list[bytes] | None = None  # a JSON reply kept for its usage until complete
+        self.stream_reader: StreamReader | None = None  # an event stream's usage, as it comes
         self.streaming = False
         self.bytes_in = 0
         self.bytes_out = 0
@@ -303,8 +306,12 @@ class Exchange:
             self.until_close = self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
         if self.state.read_usage and has_body:
-            self.usage = reader_for(headers, found)
-            self.streaming = self.usage is not None and self.usage.stream
+            kind = usage_.kind_of(found)
+            if kind == usage_.JSON:
+                self.reply = []
+            elif kind == usage_.STREAM:
+                self.stream_reader = StreamReader()
+                self.streaming = True
         if self.client.draining:
             self.close_after = True
         self.client.write(
@@ -321,12 +328,15 @@ class Exchange:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
         else:
             self.client.write(data)
-        usage = self.usage
-        if usage is not None:
-            if self.streaming:
-                self.state.batch.defer(usage.feed, data)  # scanned once the bytes are on their way
+        reply = self.reply
+        if reply is not None:
+            if self.bytes_out <= usage_.MAX_JSON:
+                reply.append(data)
             else:
-                usage.feed(data)  # JSON is only kept until complete
+                self.reply = None
+        elif self.stream_reader is not None:
+            # scanned once the bytes are on their way
+            self.state.batch.defer(self.stream_reader.feed, data)
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
         if self.chunked_out:
@@ -498,9 +508,13 @@ class Exchange:
 
     def _account(self) -> None:
         """Usage, metrics and the access line: after the response, never in its way."""
-        usage = self.usage
-        if usage is not None:
-            usage.finish()
+        usage: usage_.Usage | None = None
+        if self.reply is not None:
+            usage = usage_.read_json(self.reply)
+            self.reply = None
+        elif self.stream_reader is not None:
+            self.stream_reader.finish()
+            usage = self.stream_reader.usage
         state = self.state
         name = self.key_name or PASSTHROUGH
         ttfb = self.t_first - self.t_start if self.t_first else -1.0
@@ -516,20 +530,21 @@ class Exchange:
                 self.bytes_in,
                 self.bytes_out,
             )
-            if usage is not None and usage.tokens is not None:
-                metrics.usage(name, usage.model, usage.tokens)
+            if usage is not None:
+                metrics.usage(name, usage[0], usage[1])
         if state.access_log:
-            self._log_access(name, ttfb, duration)
+            self._log_access(name, ttfb, duration, usage)
 
-    def _log_access(self, name: str, ttfb: float, duration: float) -> None:
+    def _log_access(
+        self, name: str, ttfb: float, duration: float, usage: usage_.Usage | None
+    ) -> None:
         path = self.head.target.split(b"?", 1)[0].decode("latin-1")
         rid = self.state.next_request_id()
-        usage = self.usage
+        counts = usage_.counts(usage)
         tokens = ""
-        if usage is not None and usage.counts:
-            counts = usage.counts
-            tokens = f" model={usage.model or '-'} tokens_in={counts.get('input', 0)}" + (
-                f" tokens_out={counts.get('output', 0)}"
+        if counts:
+            tokens = f" model={usage[0] if usage and usage[0] else '-'}" + (
+                f" tokens_in={counts.get('input', 0)} tokens_out={counts.get('output', 0)}"
             )
         access_logger.info(
             '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms%s',
@@ -547,8 +562,8 @@ class Exchange:
                 "request_id": rid,
                 "client_key": name,
                 "status": self.status,
-                "model": usage.model if usage else None,
-                "tokens": dict(usage.counts) if usage else {},
+                "model": usage[0] if usage else None,
+                "tokens": counts,
             },
         )
 

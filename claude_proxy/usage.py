@@ -1,8 +1,9 @@
 """Token usage read on the side from responses, without touching a byte sent to the client.
 
-Pure: the relay feeds the same body bytes it has already written. JSON bodies are kept (up to
-:data:`MAX_JSON`) and decoded once complete; event streams are scanned per chunk, and only the
-``data:`` lines that mention ``"usage"`` are decoded. Compressed or other content is never read.
+Pure: the relay hands over the same body bytes it has already written. A JSON reply is kept (up
+to :data:`MAX_JSON`) and decoded once complete (:func:`read_json`); an event stream is scanned
+per chunk (:class:`StreamReader`), and only the ``data:`` lines that mention ``"usage"`` are
+decoded. Compressed or other content is never read (:func:`kind_of`).
 
 What is recognised, at the top level of a document or of its ``message`` / ``response``:
 
@@ -11,58 +12,57 @@ What is recognised, at the top level of a document or of its ``message`` / ``res
 * OpenAI chat completions JSON and the final chunk (``prompt_tokens``, ``completion_tokens``);
 * OpenAI responses JSON and ``response.completed`` (``input_tokens``, ``output_tokens``).
 
-msgspec decodes straight into the few fields above and skips the rest without building it,
-which for a typical reply takes well under a microsecond. A document it cannot take (fields of
-other types than expected, a byte order mark) is decoded again by the standard library and
-read field by field.
+The result is a :data:`Usage`: the model name and one count per kind in :data:`KINDS` (-1 for a
+kind not reported). msgspec decodes straight into the few fields above and skips the rest
+without building it, which for a typical reply takes well under a microsecond. A document it
+cannot take (fields of other types than expected, a byte order mark) is decoded again by the
+standard library and read field by field.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from typing import Any, Final
 
 import msgspec
 
-from .headers import HeaderScan, scan
+from .headers import HeaderScan
 
 MAX_JSON: Final = 4 * 1024 * 1024
 MAX_LINE: Final = 1024 * 1024
 MAX_NAME: Final = 200
 KINDS: Final = ("input", "output", "cache_read", "cache_write")
 
+# What kind_of finds: not read, a JSON reply, an event stream.
+NOT_READ: Final = 0
+JSON: Final = 1
+STREAM: Final = 2
 
-def reader_for(
-    headers: Sequence[tuple[bytes, bytes]], scanned: HeaderScan | None = None
-) -> UsageReader | None:
-    """A reader when the response is plain JSON or an event stream, else None."""
-    if scanned is None:
-        scanned = scan(headers)
+# (model name or None, [input, output, cache_read, cache_write], -1 for a kind not reported)
+Usage = tuple[str | None, list[int]]
+
+
+def kind_of(scanned: HeaderScan) -> int:
+    """How a response with these headers is read: :data:`JSON`, :data:`STREAM` or not at all."""
     encoding = scanned.content_encoding
     if encoding and encoding != b"identity":
-        return None
+        return NOT_READ
     ctype = scanned.content_type
     if ctype.startswith(b"application/json"):
-        return UsageReader(False)
+        return JSON
     if ctype.startswith(b"text/event-stream"):
-        return UsageReader(True)
-    return None
+        return STREAM
+    return NOT_READ
 
 
-# (field, index in KINDS): a later field of the same kind wins (only one of them is ever
-# present); _read spells the same table out for the decoded struct
-_TOKEN_FIELDS: Final = (
-    ("input_tokens", 0),
-    ("prompt_tokens", 0),
-    ("output_tokens", 1),
-    ("completion_tokens", 1),
-    ("cache_read_input_tokens", 2),
-    ("cache_creation_input_tokens", 3),
-)
+def counts(usage: Usage | None) -> dict[str, int]:
+    """The counts reported, by kind name."""
+    if usage is None:
+        return {}
+    return {kind: n for kind, n in zip(KINDS, usage[1], strict=True) if n >= 0}
 
 
-class _Usage(msgspec.Struct, gc=False):
+class _Tokens(msgspec.Struct, gc=False):
     input_tokens: int | None = None
     prompt_tokens: int | None = None
     output_tokens: int | None = None
@@ -73,7 +73,7 @@ class _Usage(msgspec.Struct, gc=False):
 
 class _Holder(msgspec.Struct, gc=False):
     model: str | None = None
-    usage: _Usage | None = None
+    usage: _Tokens | None = None
 
 
 class _Document(_Holder, gc=False):
@@ -83,49 +83,120 @@ class _Document(_Holder, gc=False):
 
 _decode: Final = msgspec.json.Decoder(_Document).decode
 
+# (field, index in KINDS): a later field of the same kind wins (only one of them is ever
+# present); read_json spells the same table out
+_TOKEN_FIELDS: Final = (
+    ("input_tokens", 0),
+    ("prompt_tokens", 0),
+    ("output_tokens", 1),
+    ("completion_tokens", 1),
+    ("cache_read_input_tokens", 2),
+    ("cache_creation_input_tokens", 3),
+)
 
-class UsageReader:
-    """``tokens``: None until the response reports usage, then one count per :data:`KINDS`
-    (-1 where it reported none of that kind)."""
 
-    __slots__ = ("_body", "_size", "model", "stream", "tokens")
+def read_json(parts: list[bytes]) -> Usage | None:
+    """The usage in a complete JSON reply, given as the chunks it arrived in."""
+    raw = parts[0] if len(parts) == 1 else b"".join(parts)
+    try:
+        doc = _decode(raw)
+    except msgspec.DecodeError:  # another shape (or a byte order mark): the slow way
+        found = _Found()
+        found.take_any(raw)
+        return found.usage
+    tokens = doc.usage
+    if tokens is None:
+        return None
+    # spelled out rather than through _Found: this runs once per reply
+    n = tokens.input_tokens if tokens.prompt_tokens is None else tokens.prompt_tokens
+    counted = [-1 if n is None or n < 0 else n]
+    n = tokens.output_tokens if tokens.completion_tokens is None else tokens.completion_tokens
+    counted.append(-1 if n is None or n < 0 else n)
+    n = tokens.cache_read_input_tokens
+    counted.append(-1 if n is None or n < 0 else n)
+    n = tokens.cache_creation_input_tokens
+    counted.append(-1 if n is None or n < 0 else n)
+    model = doc.model
+    return (model[:MAX_NAME] if model else None), counted
 
-    def __init__(self, stream: bool) -> None:
-        self.stream = stream
-        self._body: list[bytes] | None = []
-        self._size = 0
-        self.tokens: list[int] | None = None
+
+class _Found:
+    """Usage gathered from one or more documents; the latest value of each wins, as Anthropic's
+    message_delta repeats the totals so far."""
+
+    __slots__ = ("model", "tokens")
+
+    def __init__(self) -> None:
         self.model: str | None = None
+        self.tokens: list[int] | None = None
 
     @property
-    def counts(self) -> dict[str, int]:
-        """The counts reported, by kind."""
-        tokens = self.tokens
+    def usage(self) -> Usage | None:
+        return (self.model, self.tokens) if self.tokens is not None else None
+
+    def take(self, raw: bytes) -> None:
+        try:
+            doc = _decode(raw)
+        except msgspec.DecodeError:
+            self.take_any(raw)
+            return
+        for holder in (doc, doc.message, doc.response):
+            if holder is not None:
+                tokens = holder.usage
+                self.add(
+                    None if tokens is None else {k: getattr(tokens, k) for k, _ in _TOKEN_FIELDS},
+                    holder.model,
+                )
+
+    def take_any(self, raw: bytes) -> None:
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(doc, dict):
+            return
+        for holder in (doc, doc.get("message"), doc.get("response")):
+            if isinstance(holder, dict):
+                tokens = holder.get("usage")
+                self.add(tokens if isinstance(tokens, dict) else None, holder.get("model"))
+
+    def add(self, tokens: dict[str, Any] | None, model: object) -> None:
+        if isinstance(model, str) and model:
+            self.model = model[:MAX_NAME]
         if tokens is None:
-            return {}
-        return {kind: n for kind, n in zip(KINDS, tokens, strict=True) if n >= 0}
+            return
+        counted = self.tokens
+        if counted is None:
+            counted = self.tokens = [-1, -1, -1, -1]
+        for key, index in _TOKEN_FIELDS:
+            value = tokens.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                counted[index] = value
+
+
+class StreamReader(_Found):
+    """Scans an event stream chunk by chunk; :attr:`usage` is what it has found so far."""
+
+    __slots__ = ("_rest",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._rest: list[bytes] | None = []
 
     def feed(self, data: bytes) -> None:
-        body = self._body
-        if body is None:
+        rest = self._rest
+        if rest is None:
             return
-        if not self.stream:
-            self._size += len(data)
-            if self._size > MAX_JSON:
-                self._body = None
-            else:
-                body.append(data)
-            return
-        if body:  # an unfinished line from the previous chunk
-            data = b"".join((*body, data))
-            body.clear()
+        if rest:  # an unfinished line from the previous chunk
+            data = b"".join((*rest, data))
+            rest.clear()
         end = data.rfind(b"\n")
         if end < 0:
             if len(data) < MAX_LINE:
-                body.append(data)
+                rest.append(data)
             return
         if end + 1 < len(data):
-            body.append(data[end + 1 :])
+            rest.append(data[end + 1 :])
         if data.find(b'"usage"', 0, end) >= 0:
             for line in data[:end].split(b"\n"):
                 # OpenAI repeats "usage": null in every chunk but the last: not worth a decode
@@ -135,64 +206,8 @@ class UsageReader:
                     and b'"usage":null' not in line
                     and b'"usage": null' not in line
                 ):
-                    self._take(line[5:])
+                    self.take(line[5:])
 
     def finish(self) -> None:
-        """Call once the response is complete (JSON is only read then)."""
-        parts = self._body
-        self._body = None
-        if self.stream or not parts:
-            return
-        self._take(parts[0] if len(parts) == 1 else b"".join(parts))
-
-    def _take(self, raw: bytes) -> None:
-        try:
-            doc = _decode(raw)
-        except msgspec.DecodeError:  # another shape (or a byte order mark): the slow way
-            self._take_any(raw)
-            return
-        self._read(doc.usage, doc.model)
-        if doc.message is not None:
-            self._read(doc.message.usage, doc.message.model)
-        if doc.response is not None:
-            self._read(doc.response.usage, doc.response.model)
-
-    def _take_any(self, raw: bytes) -> None:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(doc, dict):
-            return
-        for holder in (doc, doc.get("message"), doc.get("response")):
-            if isinstance(holder, dict):
-                usage = holder.get("usage")
-                self._read(usage if isinstance(usage, dict) else None, holder.get("model"))
-
-    def _read(self, usage: _Usage | dict[str, Any] | None, model: object) -> None:
-        if isinstance(model, str) and model:
-            self.model = model[:MAX_NAME]
-        if usage is None:
-            return
-        tokens = self.tokens
-        if tokens is None:
-            tokens = self.tokens = [-1, -1, -1, -1]
-        # Anthropic's message_delta repeats totals so far: the latest value wins.
-        if isinstance(usage, _Usage):
-            n = usage.input_tokens if usage.prompt_tokens is None else usage.prompt_tokens
-            if n is not None and n >= 0:
-                tokens[0] = n
-            n = usage.output_tokens if usage.completion_tokens is None else usage.completion_tokens
-            if n is not None and n >= 0:
-                tokens[1] = n
-            n = usage.cache_read_input_tokens
-            if n is not None and n >= 0:
-                tokens[2] = n
-            n = usage.cache_creation_input_tokens
-            if n is not None and n >= 0:
-                tokens[3] = n
-            return
-        for key, index in _TOKEN_FIELDS:
-            value = usage.get(key)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                tokens[index] = value
+        """Call once the stream is complete (an unfinished last line is not read)."""
+        self._rest = None

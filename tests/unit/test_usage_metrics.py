@@ -5,11 +5,9 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from claude_proxy.headers import scan
 from claude_proxy.metrics import LATENCY_BUCKETS, MAX_MODELS, Metrics, exposition, route_of
-from claude_proxy.usage import reader_for
-
-SSE = [(b"Content-Type", b"text/event-stream; charset=utf-8")]
-JSON = [(b"content-type", b"application/json")]
+from claude_proxy.usage import JSON, NOT_READ, STREAM, StreamReader, counts, kind_of, read_json
 
 
 def sse(event: str, doc: dict) -> bytes:
@@ -68,7 +66,7 @@ RESPONSES_STREAM = b"".join(
 
 
 @pytest.mark.parametrize(
-    ("stream", "model", "counts"),
+    ("stream", "model", "expected"),
     [
         (ANTHROPIC_STREAM, "claude-sonnet-4-5", {"input": 25, "output": 12, "cache_read": 7}),
         (OPENAI_STREAM, "gpt-4o", {"input": 9, "output": 4}),
@@ -76,18 +74,17 @@ RESPONSES_STREAM = b"".join(
     ],
 )
 @pytest.mark.parametrize("split", [1, 7, 64, 10_000])
-def test_streams_any_split(stream: bytes, model: str, counts: dict, split: int) -> None:
-    reader = reader_for(SSE)
-    assert reader is not None
+def test_streams_any_split(stream: bytes, model: str, expected: dict, split: int) -> None:
+    reader = StreamReader()
     for i in range(0, len(stream), split):
         reader.feed(stream[i : i + split])
     reader.finish()
-    assert reader.model == model
-    assert reader.counts == counts
+    assert reader.usage is not None and reader.usage[0] == model
+    assert counts(reader.usage) == expected
 
 
 @pytest.mark.parametrize(
-    ("doc", "counts"),
+    ("doc", "expected"),
     [
         (
             {
@@ -180,17 +177,13 @@ def test_streams_any_split(stream: bytes, model: str, counts: dict, split: int) 
         ),
     ],
 )
-def test_json_bodies(doc: dict, counts: dict) -> None:
+def test_json_bodies(doc: dict, expected: dict) -> None:
     body = json.dumps(doc).encode()
-    reader = reader_for(JSON)
-    assert reader is not None
-    reader.feed(body[:10])
-    reader.feed(body[10:])
-    assert reader.counts == {}  # nothing is parsed before the end
-    reader.finish()
-    assert reader.counts == counts
-    if counts and isinstance(doc["model"], str):
-        assert reader.model == doc["model"][:200]  # names are capped at 200 characters
+    usage = read_json([body[:10], body[10:]])  # the chunks as they arrived
+    assert counts(usage) == expected
+    if expected and isinstance(doc["model"], str):
+        assert usage is not None
+        assert usage[0] == doc["model"][:200]  # names are capped at 200 characters
 
 
 @pytest.mark.parametrize(
@@ -203,12 +196,9 @@ def test_json_bodies(doc: dict, counts: dict) -> None:
     ],
 )
 def test_scan_matches_a_full_parse(body: bytes) -> None:
-    reader = reader_for(JSON)
-    assert reader is not None
-    reader.feed(body)
-    reader.finish()
-    assert reader.counts == {"input": 10, "output": 20}
-    assert reader.model in ("claude-x", "gpt-4o")
+    usage = read_json([body])
+    assert counts(usage) == {"input": 10, "output": 20}
+    assert usage is not None and usage[0] in ("claude-x", "gpt-4o")
 
 
 @pytest.mark.parametrize(
@@ -222,36 +212,35 @@ def test_scan_matches_a_full_parse(body: bytes) -> None:
     ],
 )
 def test_not_read(headers: list[tuple[bytes, bytes]]) -> None:
-    assert reader_for(headers) is None
+    assert kind_of(scan(headers)) == NOT_READ
+
+
+@pytest.mark.parametrize(
+    ("headers", "kind"),
+    [
+        ([(b"Content-Type", b"application/json; charset=utf-8")], JSON),
+        ([(b"content-type", b"text/event-stream"), (b"Content-Encoding", b"identity")], STREAM),
+    ],
+)
+def test_read(headers: list[tuple[bytes, bytes]], kind: int) -> None:
+    assert kind_of(scan(headers)) == kind
 
 
 def test_a_byte_order_mark_is_allowed() -> None:
-    reader = reader_for(JSON)
-    assert reader is not None
-    reader.feed(b'\xef\xbb\xbf{"model": "m", "usage": {"input_tokens": 3}}')
-    reader.finish()
-    assert reader.counts == {"input": 3} and reader.model == "m"
+    usage = read_json([b'\xef\xbb\xbf{"model": "m", "usage": {"input_tokens": 3}}'])
+    assert usage == ("m", [3, -1, -1, -1])
 
 
 def test_a_body_without_usage_counts_nothing() -> None:
-    reader = reader_for(JSON)
-    assert reader is not None
-    reader.feed(b'{"model": "m", "data": [' + b'{"usage": 1}, ' * 1000 + b"{}]}")
-    reader.finish()
-    assert reader.counts == {}
+    assert read_json([b'{"model": "m", "data": [' + b'{"usage": 1}, ' * 1000 + b"{}]}"]) is None
 
 
 def test_garbage_is_ignored() -> None:
-    reader = reader_for(SSE)
-    assert reader is not None
+    reader = StreamReader()
     reader.feed(b'data: {"usage": {broken\n\ndata: [1, 2]\n\n' + b"x" * 100)
     reader.finish()
-    assert reader.counts == {} and reader.model is None
-    reader = reader_for(JSON)
-    assert reader is not None
-    reader.feed(b'{"usage": ')
-    reader.finish()
-    assert reader.counts == {}
+    assert reader.usage is None and reader.model is None
+    assert read_json([b'{"usage": ']) is None
 
 
 @pytest.mark.parametrize(
