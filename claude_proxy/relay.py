@@ -334,9 +334,9 @@ class Exchange:
                 reply.append(data)
             else:
                 self.reply = None
-        elif self.stream_reader is not None:
+        elif self.stream_reader is not None and self.stream_reader.look(data):
             # scanned once the bytes are on their way
-            self.state.batch.defer(self.stream_reader.feed, data)
+            self.state.batch.defer(self.stream_reader.scan, data)
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
         if self.chunked_out:

@@ -22,6 +22,7 @@ standard library and read field by field.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 
 import msgspec
@@ -175,15 +176,29 @@ class _Found:
 
 
 class StreamReader(_Found):
-    """Scans an event stream chunk by chunk; :attr:`usage` is what it has found so far."""
+    """Reads an event stream chunk by chunk; :attr:`usage` is what it has found so far.
 
-    __slots__ = ("_rest",)
+    Each chunk gets a glance as it passes (:meth:`look`: a suffix check and a substring search,
+    no copy); only a chunk that may hold usage, or part of a line, is scanned (:meth:`scan`),
+    which the relay does once the chunk is on its way. Most events of a stream carry text, not
+    usage, and are never scanned.
+    """
+
+    __slots__ = ("_partial", "_rest")
 
     def __init__(self) -> None:
         super().__init__()
+        self._partial = False  # the last chunk looked at ended inside a line
         self._rest: list[bytes] | None = []
 
-    def feed(self, data: bytes) -> None:
+    def look(self, data: bytes) -> bool:
+        """Whether ``data``, the next chunk, must be passed to :meth:`scan`."""
+        partial = self._partial
+        self._partial = not data.endswith(b"\n")
+        return partial or self._partial or (b'"usage"' in data and _reports_usage(data))
+
+    def scan(self, data: bytes) -> None:
+        """Read the events of the chunks :meth:`look` asked for, in order."""
         rest = self._rest
         if rest is None:
             return
@@ -211,3 +226,12 @@ class StreamReader(_Found):
     def finish(self) -> None:
         """Call once the stream is complete (an unfinished last line is not read)."""
         self._rest = None
+
+
+_USAGE_OBJECT: Final = re.compile(rb'"usage"\s*:\s*\{')
+
+
+def _reports_usage(data: bytes) -> bool:
+    """Whether a ``"usage"`` key in ``data`` has an object for a value: OpenAI repeats
+    ``"usage": null`` in every chunk but the last."""
+    return _USAGE_OBJECT.search(data) is not None

@@ -76,9 +76,15 @@ RESPONSES_STREAM = b"".join(
 @pytest.mark.parametrize("split", [1, 7, 64, 10_000])
 def test_streams_any_split(stream: bytes, model: str, expected: dict, split: int) -> None:
     reader = StreamReader()
+    scanned = 0
     for i in range(0, len(stream), split):
-        reader.feed(stream[i : i + split])
+        chunk = stream[i : i + split]
+        if reader.look(chunk):
+            reader.scan(chunk)
+            scanned += 1
     reader.finish()
+    if split == 10_000:  # one chunk, with usage in it
+        assert scanned == 1
     assert reader.usage is not None and reader.usage[0] == model
     assert counts(reader.usage) == expected
 
@@ -235,9 +241,28 @@ def test_a_body_without_usage_counts_nothing() -> None:
     assert read_json([b'{"model": "m", "data": [' + b'{"usage": 1}, ' * 1000 + b"{}]}"]) is None
 
 
+@pytest.mark.parametrize(
+    ("chunks", "scanned"),
+    [
+        # text deltas, whole events: only looked at
+        ([b'event: content_block_delta\ndata: {"delta": {"text": "a usage"}}\n\n'] * 3, 0),
+        ([b'data: {"choices": [], "usage": null}\n\n', b'data: {"usage" : null}\r\n\r\n'], 0),
+        # usage, or a chunk that ends inside a line (and the one after it): scanned
+        ([b'data: {"usage":{"prompt_tokens":1}}\n\n'], 1),
+        ([b'data: {"usage" : {"prompt_tokens":1}}\n\n'], 1),
+        ([b"data: {", b'"usa', b'ge": null}\n\n', b"data: {}\n\n"], 3),
+    ],
+)
+def test_only_chunks_that_may_hold_usage_are_scanned(chunks: list[bytes], scanned: int) -> None:
+    reader = StreamReader()
+    assert sum(reader.look(chunk) for chunk in chunks) == scanned
+
+
 def test_garbage_is_ignored() -> None:
     reader = StreamReader()
-    reader.feed(b'data: {"usage": {broken\n\ndata: [1, 2]\n\n' + b"x" * 100)
+    chunk = b'data: {"usage": {broken\n\ndata: [1, 2]\n\n' + b"x" * 100
+    assert reader.look(chunk)
+    reader.scan(chunk)
     reader.finish()
     assert reader.usage is None and reader.model is None
     assert read_json([b'{"usage": ']) is None
