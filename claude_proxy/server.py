@@ -540,7 +540,7 @@ class ProxyServer:
 
     def _exposition(self, metrics: Metrics) -> bytes:
         if self.state is not None:
-            self.state.batch.run_deferred()  # the requests of the last millisecond too
+            self.state.batch.run_deferred()  # requests finished in this loop turn too
         return exposition(metrics)
 
     def reload(self, config: Config) -> None:
