@@ -81,7 +81,6 @@ class Exchange:
         "state",
         "status",
         "stream_reader",
-        "streaming",
         "t_end",
         "t_first",
         "t_start",
@@ -124,7 +123,6 @@ class Exchange:
         self.status = 0
         self.reply: list[bytes] | None = None  # a JSON reply kept for its usage until complete
         self.stream_reader: StreamReader | None = None  # an event stream's usage, as it comes
-        self.streaming = False
         self.bytes_in = 0
         self.bytes_out = 0
         self.t_start = time.perf_counter()
@@ -132,6 +130,11 @@ class Exchange:
         self.t_end = 0.0
         self.watch_bytes = -1
         self.watch_since = 0.0
+
+    @property
+    def streaming(self) -> bool:
+        """An event stream is being relayed (and read for usage: only known when it is)."""
+        return self.stream_reader is not None
 
     # ================================================================ start
 
@@ -311,7 +314,6 @@ class Exchange:
                 self.reply = []
             elif kind == usage_.STREAM:
                 self.stream_reader = StreamReader()
-                self.streaming = True
         if self.client.draining:
             self.close_after = True
         self.client.write(
