@@ -198,7 +198,6 @@ class Metrics:
         # and the same lists by (client, model as reported), the request path's lookup
         self._totals: dict[tuple[str, str], list[int]] = {}
         self._tokens: dict[tuple[str, str | None], list[int]] = {}
-        self._token_children: dict[tuple[str, str, str], Counter] = {}
         self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -239,11 +238,7 @@ class Metrics:
             for i, kind in enumerate(KINDS):
                 n = total[i]
                 if n:
-                    key = (client, model, kind)
-                    child = self._token_children.get(key)
-                    if child is None:
-                        child = self._token_children[key] = self.tokens.labels(*key)
-                    child.inc(n)
+                    self.tokens.labels(client, model, kind).inc(n)  # once per scrape: no cache
                     total[i] = 0
 
     def observe(
