@@ -45,6 +45,7 @@ class ExchangeRecord:
     bytes_out: int  # response body bytes sent to the client
     ttfb: float | None
     duration: float
+    request_model: str | None = None  # the request body's top-level "model", when read
     model: str | None = None  # as the response reported it
     input_tokens: int | None = None
     output_tokens: int | None = None
