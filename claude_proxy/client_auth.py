@@ -41,14 +41,15 @@ def presented(headers: Headers, lnames: Sequence[bytes] | None = None) -> Presen
         if lname not in CREDENTIAL_HEADERS:
             continue
         names.add(lname)
+        # a field value excludes leading and trailing whitespace (RFC 9110 §5.5)
         if lname == b"authorization":
-            scheme, _, token = value.partition(b" ")
+            scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() != b"bearer" or not token.strip():
                 malformed = True
                 continue
             keys.append(token.strip())
         else:
-            keys.append(value)
+            keys.append(value.strip())
     return Presented(frozenset(names), tuple(keys), malformed)
 
 

@@ -1,84 +1,220 @@
 """One request's journey: authenticate, open upstream, relay the body, relay the response.
 
-An :class:`Exchange` is driven by parser events from both sides and does its work in those
-callbacks, so a request that finds a valid token and a pooled connection needs no task at all.
-Only waiting (for a token on a cold start, or for a new upstream connection) runs in a task,
-which the server owns.
+An :class:`Exchange` is in one state per direction, and :meth:`Exchange._to` is the only place
+either changes; entering a state does all of that state's duties, so no path can forget one::
 
-Body bytes are written as they arrive, never gathered: a chunked body is re-chunked (llhttp
-hands over the chunk payloads), a sized body goes as is. Backpressure runs both ways through
-``pause_reading`` on the side that produces faster than the other consumes.
+    request   BUFFERING ──attach──▶ STREAMING ──complete──▶ SENT
+        │  └─complete─▶ BUFFERED ──attach──────────────────▶ SENT
+        └─ the answer came first ─▶ DISCARDING ──complete──▶ DISCARDED
+           the connection is cut ─▶ ABANDONED
+
+    response  WAITING ──head──▶ BODY ──complete──▶ DONE
+        │        └── upstream lost, idle, client gone, drain ──▶ FAILED
+        └── a proxy-made answer ──▶ DONE
+
+* Leaving BUFFERING or STREAMING lifts every pause the request direction holds on the client
+  (so entering DISCARDING always resumes reading the client).
+* Entering DONE or FAILED detaches the upstream: back to the pool only after a complete,
+  clean response to a completely sent request; closed otherwise. Detaching lifts the pauses
+  the upstream caused.
+* The exchange is finished, accounted and handed back to the connection when both directions
+  are in a final state.
+
+Work happens in parser callbacks from both sides, so a request that finds a valid token and a
+pooled connection needs no task at all. Only waiting (for a token on a cold start, or for a new
+upstream connection) runs in a task, which the server owns and whose failure is answered.
+
+The exchange knows its two sides only through the small protocols below: :class:`ClientSide`
+(the server's client connection), :class:`UpstreamSide` and :class:`UpstreamPool` (upstream.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from . import headers as hdr
 from . import usage as usage_
 from .client_auth import PASSTHROUGH, REJECTED, authenticate, presented
 from .errors import (
     BadRequest,
-    CredentialUnavailable,
+    ClientIdle,
+    Family,
+    InternalError,
     ProxyError,
     Unauthorized,
-    UpstreamTimeout,
-    UpstreamUnavailable,
+    UpstreamClosed,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamIdle,
+    UpstreamProtocolError,
     family_of,
     render_error,
 )
+from .flow import BUFFER_FULL, CLIENT_FULL, REQUEST_OWNERS, UPSTREAM_FULL, ReadGate
 from .metrics import route_of
-from .upstream import UpstreamConnection
+from .record import ExchangeRecord, Outcome
 from .usage import StreamReader
 
 if TYPE_CHECKING:
-    from .server import ClientConnection, RequestHead, ServerState
+    from .batching import Batch
+    from .client_auth import KeyRing
+    from .config import Config
+    from .credentials import UpstreamAuth
+    from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("claude_proxy.access")
 
 # Request body held while the upstream connection is being opened, before reading pauses.
 PENDING_HIGH_WATER: Final = 256 * 1024
-# A request body up to this size is kept until the response starts, so that a request sent on a
-# pooled connection the upstream had just closed can be sent again on a new one.
+# A request body up to this size is kept until the response starts, so that a request sent on
+# a pooled connection the upstream had just closed can be sent again on a new one.
 REPLAY_LIMIT: Final = 1024 * 1024
-# A rejected request's body is read and dropped up to this size, so the client sees the
-# response rather than a reset; past it the connection is closed.
+# After an early answer, the rest of a request body is read and dropped up to this size so the
+# connection can be reused (and the client sees the answer rather than a reset); past it, or
+# when its size is unknown, the answer announces the close.
 DISCARD_LIMIT: Final = 16 * 1024 * 1024
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
-TERMINATOR: Final = b"0\r\n\r\n"
 NO_BODY_STATUS: Final = frozenset({204, 304})
+# RFC 9110 §9.2.2: methods a proxy may send again when a reused connection fails under them.
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+class Req(enum.Enum):
+    """Where the request direction is."""
+
+    BUFFERING = "buffering"  # body arriving, no upstream yet: held in memory
+    BUFFERED = "buffered"  # body complete, no upstream yet
+    STREAMING = "streaming"  # body arriving, written upstream as it comes
+    SENT = "sent"  # the whole request went upstream
+    DISCARDING = "discarding"  # body arriving after the answer: read and dropped
+    DISCARDED = "discarded"  # the whole request was read, and not (all) sent
+    ABANDONED = "abandoned"  # the connection is cut: nothing more is read
+
+
+class Resp(enum.Enum):
+    """Where the response direction is."""
+
+    WAITING = "waiting"  # nothing sent to the client yet
+    BODY = "body"  # the upstream's head went out, its body is being relayed
+    DONE = "done"  # a complete response went out (relayed or proxy-made)
+    FAILED = "failed"  # cut short: the client sees a truncated response, or none
+
+
+BUFFERING, BUFFERED, STREAMING, SENT = Req.BUFFERING, Req.BUFFERED, Req.STREAMING, Req.SENT
+DISCARDING, DISCARDED, ABANDONED = Req.DISCARDING, Req.DISCARDED, Req.ABANDONED
+WAITING, BODY, DONE, FAILED = Resp.WAITING, Resp.BODY, Resp.DONE, Resp.FAILED
+READING: Final = frozenset({BUFFERING, STREAMING, DISCARDING})  # more body is to come
+REQUEST_FINAL: Final = frozenset({SENT, DISCARDED, ABANDONED})
+RESPONSE_FINAL: Final = frozenset({DONE, FAILED})
+
+
+@dataclass(slots=True)
+class RequestHead:
+    method: bytes
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    scan: hdr.HeaderScan
+    keep_alive: bool
+    http11: bool
+    chunked: bool
+    expect_continue: bool
+    anthropic_version: bool
+
+
+# ------------------------------------------------------------------ the two sides
+
+
+class ClientSide(Protocol):
+    """What an exchange needs of the client connection it serves."""
+
+    gate: ReadGate
+    write_paused: bool
+    draining: bool
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def abort(self, reset: bool = False) -> None: ...
+    def peer(self) -> str: ...
+    def exchange_finished(self, exchange: Exchange) -> None: ...
+
+
+class UpstreamSide(Protocol):
+    """What an exchange needs of an upstream connection while it holds it."""
+
+    gate: ReadGate
+    reused: bool
+
+    def attach(self, exchange: Exchange) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def finish(self, reusable: bool) -> None: ...
+    def close(self) -> None: ...
+
+
+class UpstreamPool(Protocol):
+    def take_idle(self) -> UpstreamSide | None: ...
+    async def connect(self) -> UpstreamSide: ...
+    def release(self, conn: Any) -> None: ...
+
+
+class Shared(Protocol):
+    """What every exchange of a server shares (the server's ``ServerState``)."""
+
+    config: Config
+    keyring: KeyRing
+    auth: UpstreamAuth
+    host_header: bytes
+    prefix: bytes
+    metrics: Metrics | None
+    batch: Batch
+    read_usage: bool
+    access_log: bool
+
+    @property
+    def pool(self) -> UpstreamPool: ...
+    def spawn(
+        self, coro: Coroutine[Any, Any, None], on_error: Callable[[BaseException], None]
+    ) -> asyncio.Task[None]: ...
+    def next_request_id(self) -> str: ...
+
+
+# ------------------------------------------------------------------ the exchange
 
 
 class Exchange:
     """A request/response pair between one client connection and one upstream connection."""
 
     __slots__ = (
+        "attempts",
         "bytes_in",
         "bytes_out",
         "chunked_out",
         "client",
         "close_after",
+        "close_delimited",
         "credential",
         "discarded",
         "family",
-        "finished",
         "head",
+        "head_method",
+        "interim",
         "key_name",
+        "outcome",
         "pending",
         "pending_bytes",
         "replay",
         "replay_bytes",
         "reply",
-        "request_done",
-        "response_done",
-        "response_started",
-        "retried",
-        "sent_all",
-        "state",
+        "req",
+        "resp",
+        "response_scan",
+        "shared",
         "status",
         "stream_reader",
         "t_end",
@@ -88,44 +224,44 @@ class Exchange:
         "until_close",
         "upstream",
         "upstream_head",
+        "wall_start",
         "watch_bytes",
         "watch_since",
-        "wrote_error",
-        "wrote_upstream",
     )
 
-    def __init__(self, state: ServerState, client: ClientConnection, head: RequestHead) -> None:
-        self.state = state
+    def __init__(self, shared: Shared, client: ClientSide, head: RequestHead) -> None:
+        self.shared = shared
         self.client = client
         self.head = head
-        self.family = family_of(head.target, head.anthropic_version)
+        self.head_method = head.method
+        self.family: Family = family_of(head.target, head.anthropic_version)
+        self.req = BUFFERING if head.chunked or head.scan.content_length else BUFFERED
+        self.resp = WAITING
+        self.outcome: Outcome = "complete"
         self.key_name: str | None = None
         self.credential: hdr.UpstreamCredential | None = None
-        self.upstream: UpstreamConnection | None = None
+        self.upstream: UpstreamSide | None = None
         self.upstream_head = b""
         self.task: asyncio.Task[None] | None = None
-        self.pending: list[bytes] | None = []
+        self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.replay: list[bytes] | None = None
         self.replay_bytes = 0
-        self.retried = False
-        self.wrote_upstream = False
-        self.sent_all = False
-        self.request_done = False
-        self.response_started = False
-        self.response_done = False
-        self.wrote_error = False
-        self.finished = False
+        self.attempts = 0
         self.chunked_out = False
         self.until_close = False
+        self.close_delimited = False
         self.close_after = not head.keep_alive
         self.discarded = 0
         self.status = 0
+        self.interim = 0
+        self.response_scan: hdr.HeaderScan | None = None
         self.reply: list[bytes] | None = None  # a JSON reply kept for its usage until complete
         self.stream_reader: StreamReader | None = None  # an event stream's usage, as it comes
         self.bytes_in = 0
         self.bytes_out = 0
         self.t_start = time.perf_counter()
+        self.wall_start = time.time()
         self.t_first = 0.0
         self.t_end = 0.0
         self.watch_bytes = -1
@@ -134,28 +270,80 @@ class Exchange:
     @property
     def streaming(self) -> bool:
         """An event stream is being relayed (and read for usage: only known when it is)."""
-        return self.stream_reader is not None
+        return self.stream_reader is not None and self.resp is BODY
+
+    @property
+    def finished(self) -> bool:
+        return self.req in REQUEST_FINAL and self.resp in RESPONSE_FINAL
+
+    # ================================================================ transitions
+
+    def _to(self, req: Req | None = None, resp: Resp | None = None) -> None:
+        """The one place states change; entering a state does its duties."""
+        was_finished = self.finished
+        if req is not None and req is not self.req:
+            self.req = req
+            if req is not BUFFERING and req is not STREAMING:
+                # the request no longer feeds anything: its pauses on the client go with it
+                self.client.gate.resume(REQUEST_OWNERS)
+                if req is not SENT and req is not BUFFERED:
+                    self.pending = []
+                    self.replay = None
+        if resp is not None and resp is not self.resp:
+            self.resp = resp
+            if resp is DONE or resp is FAILED:
+                self._cancel_task()
+                self._detach_upstream(reusable=False)
+                if self.req is BUFFERED:
+                    self.req = DISCARDED  # complete, never sent
+                    self.pending = []
+        if not was_finished and self.finished:
+            self._finish()
+
+    def _detach_upstream(self, reusable: bool) -> None:
+        """Give the upstream connection up, and every pause it caused with it."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        self.upstream = None
+        self.client.gate.resume(UPSTREAM_FULL)
+        upstream.finish(reusable)
+
+    def _cancel_task(self) -> None:
+        task, self.task = self.task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task = self.shared.spawn(coro, self._task_failed)
+
+    def _task_failed(self, exc: BaseException) -> None:
+        """A task of this exchange raised: the server logged it; the client gets an answer."""
+        self.task = None
+        if self.finished:
+            return
+        self.respond_error(InternalError("The proxy failed while handling this request."))
+        if self.resp is BODY:
+            self.fail("upstream_aborted", "internal error")
 
     # ================================================================ start
 
     def start(self) -> None:
         """Authenticate, pick the credential, and open the upstream; answer errors directly."""
-        state = self.state
+        shared = self.shared
         head = self.head
         try:
             creds = presented(head.headers, head.scan.lnames)
             self.key_name = authenticate(
-                creds, state.keyring, state.config.passthrough_unauthenticated
+                creds, shared.keyring, shared.config.passthrough_unauthenticated
             )
-            if self.key_name is None:
-                self._build_upstream_head()
-            else:
-                credential = state.auth.credential_now()
+            if self.key_name is not None:
+                credential = shared.auth.credential_now()
                 if credential is None:  # cold start: a token is on its way
-                    self.task = state.spawn(self._start_slow())
+                    self._spawn(self._start_slow())
                     return
                 self.credential = credential
-                self._build_upstream_head()
+            self._build_upstream_head()
         except Unauthorized as exc:
             self.key_name = REJECTED
             self.respond_error(exc)
@@ -167,7 +355,7 @@ class Exchange:
 
     async def _start_slow(self) -> None:
         try:
-            self.credential = await self.state.auth.credential_wait()
+            self.credential = await self.shared.auth.credential_wait()
         except ProxyError as exc:
             self.task = None
             self.respond_error(exc)
@@ -175,19 +363,15 @@ class Exchange:
         self._build_upstream_head()
         await self._connect()
 
-    def _upstream_error(self, kind: str) -> None:
-        if self.state.metrics is not None:
-            self.state.metrics.upstream_error(kind)
-
     def _build_upstream_head(self) -> None:
-        state = self.state
+        shared = self.shared
         head = self.head
         self.upstream_head = hdr.upstream_request_head(
             head.method,
             head.target,
             head.headers,
-            host=state.origin.host_header,
-            prefix=state.origin.prefix,
+            host=shared.host_header,
+            prefix=shared.prefix,
             credential=self.credential,
             chunked=head.chunked,
             default_header=b"x-api-key" if self.family == "anthropic" else b"Authorization",
@@ -195,95 +379,109 @@ class Exchange:
         )
 
     def _open_upstream(self) -> None:
-        conn = self.state.pool.take_idle()
+        conn = self.shared.pool.take_idle()
         if conn is not None:
             self._attach(conn)
         else:
-            self.task = self.state.spawn(self._connect())
+            self._spawn(self._connect())
 
     async def _connect(self) -> None:
         try:
-            conn = await self.state.pool.connect()
+            conn = await self.shared.pool.connect()
         except TimeoutError:
-            self._upstream_error("connect_timeout")
-            self.respond_error(UpstreamTimeout(self._connect_timeout_message()))
+            self.task = None
+            timeout = self.shared.config.connect_timeout
+            self.respond_error(
+                UpstreamConnectTimeout(f"Timed out connecting to the upstream after {timeout:g} s.")
+            )
             return
         except OSError as exc:
-            self._upstream_error("connect_refused")
-            self.respond_error(UpstreamUnavailable(_connect_failed(exc)))
-            return
-        finally:
             self.task = None
+            reason = exc.strerror or type(exc).__name__
+            self.respond_error(
+                UpstreamConnectError(f"Could not connect to the upstream: {reason}.")
+            )
+            return
+        self.task = None
         self._attach(conn)
 
-    def _connect_timeout_message(self) -> str:
-        timeout = self.state.config.connect_timeout
-        return f"Timed out connecting to the upstream after {timeout:g} s."
-
-    def _attach(self, conn: UpstreamConnection) -> None:
-        if self.finished or self.response_started:
-            self.state.pool.release(conn)
+    def _attach(self, conn: UpstreamSide) -> None:
+        if self.resp is not WAITING:
+            self.shared.pool.release(conn)  # answered meanwhile; the connection is unused
             return
+        self.attempts += 1
         self.upstream = conn
-        conn.exchange = self
+        conn.attach(self)
         if self.client.write_paused:
-            conn.pause_reading()  # the client is not taking what it is sent: wait with it
-        pending = self.pending or []
-        self.pending = None
-        out = [self.upstream_head, *pending]
-        if conn.reused and not self.retried:
+            conn.gate.pause(CLIENT_FULL)  # the client is not taking what it is sent: wait with it
+        out = [self.upstream_head, *self.pending]
+        size = len(self.upstream_head) + self.pending_bytes
+        self.pending = []
+        self.pending_bytes = 0
+        if conn.reused and self.attempts == 1 and self._may_resend():
             self.replay = out  # kept (not copied) until the response starts
-            self.replay_bytes = len(self.upstream_head) + self.pending_bytes
-        # Resume before writing: if this write fills the upstream's buffer, its pause_writing
-        # must be the last word on whether the client is read.
-        self.client.resume_reading()
+            self.replay_bytes = size
+        # Lift the buffer's pause before writing: if this write fills the upstream's buffer,
+        # its pause_writing must be the last word on whether the client is read.
+        self.client.gate.resume(BUFFER_FULL)
+        self._to(req=SENT if self.req is BUFFERED else STREAMING)
         conn.write(b"".join(out) if len(out) > 1 else out[0])
-        self.wrote_upstream = True
-        self.sent_all = self.request_done
-        if self.head.expect_continue and not self.request_done:
+        if self.head.expect_continue and self.req is STREAMING and self.bytes_in == 0:
             self.client.write(CONTINUE)
+
+    def _may_resend(self) -> bool:
+        """RFC 9110 §9.2.2: only idempotent requests (or ones carrying an Idempotency-Key)
+        are sent again when a reused connection closes after they were written."""
+        head = self.head
+        return head.method in IDEMPOTENT or b"idempotency-key" in head.scan.lnames
 
     # ================================================================ request body (client side)
 
     def on_request_body(self, data: bytes) -> None:
         self.bytes_in += len(data)
-        if self.response_done or self.wrote_error:
-            self._discard(len(data))
-            return
-        if self.head.chunked:
-            data = b"%x\r\n%b\r\n" % (len(data), data)
-        self._send_upstream(data)
+        req = self.req
+        if req is STREAMING:
+            if self.head.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            self._send_upstream(data)
+        elif req is BUFFERING:
+            if self.head.chunked:
+                data = b"%x\r\n%b\r\n" % (len(data), data)
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes > PENDING_HIGH_WATER:
+                self.client.gate.pause(BUFFER_FULL)
+        elif req is DISCARDING:
+            self.discarded += len(data)
+            if self.discarded > DISCARD_LIMIT:
+                self.close_after = True
+                self.fail(self.outcome, "request body to discard is over the limit")
 
-    def on_request_complete(self) -> None:
-        self.request_done = True
-        if self.head.chunked and not (self.response_done or self.wrote_error):
-            self._send_upstream(TERMINATOR)
-        if self.upstream is not None:
-            self.sent_all = True
-        if self.response_done:
-            self._finish()
+    def on_request_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        req = self.req
+        if req is STREAMING:
+            if self.head.chunked:
+                self._send_upstream(hdr.trailer_block(trailers))
+            self._to(req=SENT)
+        elif req is BUFFERING:
+            if self.head.chunked:
+                block = hdr.trailer_block(trailers)
+                self.pending.append(block)
+                self.pending_bytes += len(block)
+            self._to(req=BUFFERED)
+        elif req is DISCARDING:
+            self._to(req=DISCARDED)
 
     def _send_upstream(self, data: bytes) -> None:
-        upstream = self.upstream
-        if upstream is None:
-            if self.pending is not None:
-                self.pending.append(data)
-                self.pending_bytes += len(data)
-                if self.pending_bytes > PENDING_HIGH_WATER:
-                    self.client.pause_reading()
-            return
-        if self.replay is not None:
-            self.replay.append(data)
+        replay = self.replay
+        if replay is not None:
+            replay.append(data)
             self.replay_bytes += len(data)
             if self.replay_bytes > REPLAY_LIMIT:
                 self.replay = None
+        upstream = self.upstream
+        assert upstream is not None
         upstream.write(data)
-
-    def _discard(self, n: int) -> None:
-        self.discarded += n
-        if self.discarded > DISCARD_LIMIT:
-            self.close_after = True
-            self.client.abort()
 
     # ================================================================ response (upstream side)
 
@@ -291,15 +489,16 @@ class Exchange:
         self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]
     ) -> None:
         if status < 200:
-            # 100 was ours to send, 101 was never asked for (llhttp stops there); 103 goes on
-            if status not in (100, 101):
+            self.interim += 1  # traffic, for the idle clock
+            # 100 was ours to send, 101 was never asked for (llhttp stops there); 103 goes on,
+            # but never to an HTTP/1.0 client, which cannot tell it from the answer (§15.2)
+            if status not in (100, 101) and self.head.http11:
                 self.client.write(hdr.interim_response_head(status, reason, headers))
             return
         self.replay = None
         self.status = status
-        self.response_started = True
         self.t_first = time.perf_counter()
-        found = hdr.scan(headers)
+        found = self.response_scan = hdr.scan(headers)
         has_body = self.head.method != b"HEAD" and status not in NO_BODY_STATUS
         chunked = has_body and found.chunked
         if chunked and not self.head.http11:
@@ -308,21 +507,39 @@ class Exchange:
         elif has_body and not chunked and found.content_length is None:
             self.until_close = self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
-        if self.state.read_usage and has_body:
+        self.close_delimited = has_body and not chunked and found.content_length is None
+        if self.req in READING and not self._can_discard_rest():
+            self.close_after = True
+        if self.client.draining:
+            self.close_after = True
+        if self.shared.read_usage and has_body:
             kind = usage_.kind_of(found)
             if kind == usage_.JSON:
                 self.reply = []
             elif kind == usage_.STREAM:
                 self.stream_reader = StreamReader()
-        if self.client.draining:
-            self.close_after = True
         self.client.write(
             hdr.client_response_head(
-                status, reason, headers, chunked=chunked, close=self.close_after, scanned=found
+                status,
+                reason,
+                headers,
+                chunked=chunked,
+                close=self.close_after,
+                keep_alive_10=not self.head.http11,
+                scanned=found,
             )
         )
+        self._to(resp=BODY)
         if status == 401 and self.credential is not None and self.credential.kind == "bearer":
-            self.state.auth.rejected(self.credential)
+            self.shared.auth.rejected(self.credential)
+
+    def _can_discard_rest(self) -> bool:
+        """Whether the rest of the request body can be read and dropped after an early answer,
+        keeping the connection; otherwise the answer announces the close."""
+        if self.head.expect_continue and self.bytes_in == 0:
+            return False  # the client may be holding its body back for a 100 never sent
+        length = self.head.scan.content_length
+        return length is not None and length - self.bytes_in <= DISCARD_LIMIT
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -338,238 +555,282 @@ class Exchange:
                 self.reply = None
         elif self.stream_reader is not None and self.stream_reader.look(data):
             # scanned once the bytes are on their way
-            self.state.batch.defer(self.stream_reader.scan, data)
+            self.shared.batch.defer(self.stream_reader.scan, data)
 
-    def on_response_complete(self, trailers: list[tuple[bytes, bytes]] | tuple[()]) -> None:
+    def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        if self.resp is not BODY:
+            return
         if self.chunked_out:
-            if trailers:
-                lines = b"".join(b"%b: %b\r\n" % pair for pair in trailers)
-                self.client.write(b"0\r\n" + lines + b"\r\n")
-            else:
-                self.client.write(TERMINATOR)
-        self.response_done = True
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            if self.sent_all:
-                self.state.pool.release(upstream)
-            else:
-                upstream.close()  # the upstream answered before the whole request went
-        if self.request_done:
-            self._finish()
+            self.client.write(hdr.trailer_block(trailers))
+        self._detach_upstream(reusable=self.req is SENT)
+        self._end_response()
 
-    def upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+    def _end_response(self) -> None:
+        """The client has the whole response; a request still arriving is discarded."""
+        if self.req in READING and self.req is not DISCARDING:
+            if self.close_after:
+                self._to(req=ABANDONED, resp=DONE)
+                return
+            self._to(req=DISCARDING)
+        self._to(resp=DONE)
+
+    def upstream_lost(self, exc: Exception | None) -> None:
         """The upstream connection closed before the response was complete."""
         self.upstream = None
-        if self.finished:
-            return
-        if not self.response_started:
-            if self.replay is not None and conn.reused and not self.retried:
+        self.client.gate.resume(UPSTREAM_FULL)
+        if self.resp is WAITING:
+            if self.replay is not None:
                 self._retry()
                 return
-            self._upstream_error("closed")
             self.respond_error(
-                UpstreamUnavailable("The upstream closed the connection before sending a response.")
+                UpstreamClosed("The upstream closed the connection before sending a response.")
             )
-            return
-        if self.until_close:
-            self.response_done = True  # a close-delimited body ends with the close
-            self.client.close()
-            self._finish()
-            return
-        self._upstream_error("closed")
-        self._abort_client("the upstream closed the connection mid-response")
+        elif self.resp is BODY:
+            if self.until_close and exc is None:
+                self._end_response()  # a close-delimited body ends with a clean close
+            else:
+                # a reset is a truncation, and the client must see one (RFC 9112 §8)
+                self._upstream_error("closed")
+                self.fail("upstream_aborted", "the upstream closed the connection mid-response")
 
     def upstream_broken(self, reason: str) -> None:
-        """The upstream spoke something that is not HTTP/1.1; drop its connection."""
-        upstream = self.upstream
+        """The upstream spoke something that is not HTTP/1.1; its connection is gone."""
         self.upstream = None
-        if upstream is not None:
-            upstream.close()
-        if self.finished:
-            return
-        self._upstream_error("malformed")
-        if self.response_started:
-            self._abort_client(reason)
-        else:
+        self.client.gate.resume(UPSTREAM_FULL)
+        if self.resp is WAITING:
             logger.warning("upstream error: %s", reason)
-            self.respond_error(UpstreamUnavailable("The upstream sent a malformed response."))
+            self.respond_error(UpstreamProtocolError("The upstream sent a malformed response."))
+        elif self.resp is BODY:
+            self._upstream_error("malformed")
+            self.fail("upstream_aborted", reason)
 
     def _retry(self) -> None:
         """Send the request again on a new connection: the pooled one was closed under us."""
-        logger.debug("pooled upstream connection was closed; retrying on a new one")
-        self.retried = True
-        self.pending = (self.replay or [])[1:]  # [0] is the head, which _attach writes again
+        logger.debug("pooled upstream connection was closed; sending the request again")
+        replay = self.replay or []
         self.replay = None
-        self.task = self.state.spawn(self._connect())
+        self.pending = replay[1:]  # [0] is the head, which _attach writes again
+        self.pending_bytes = self.replay_bytes - len(replay[0]) if replay else 0
+        # the one transition back: the request is held again until the new connection is up
+        self.req = BUFFERED if self.req is SENT else BUFFERING
+        self._spawn(self._connect())
+
+    def _upstream_error(self, kind: str) -> None:
+        if self.shared.metrics is not None:
+            self.shared.metrics.upstream_error(kind)
 
     # ================================================================ flow control
 
     def upstream_write_paused(self) -> None:
-        self.client.pause_reading()
+        self.client.gate.pause(UPSTREAM_FULL)
 
     def upstream_write_resumed(self) -> None:
-        self.client.resume_reading()
+        self.client.gate.resume(UPSTREAM_FULL)
 
     def client_write_paused(self) -> None:
         if self.upstream is not None:
-            self.upstream.pause_reading()
+            self.upstream.gate.pause(CLIENT_FULL)
 
     def client_write_resumed(self) -> None:
         if self.upstream is not None:
-            self.upstream.resume_reading()
+            self.upstream.gate.resume(CLIENT_FULL)
 
     # ================================================================ endings
 
-    def respond_error(self, error: ProxyError) -> None:
+    def respond_error(self, error: ProxyError, outcome: Outcome = "rejected") -> None:
         """Answer with a proxy-made error, unless a response has already begun."""
-        if self.finished or self.response_started:
+        if self.resp is not WAITING:
             return
-        if isinstance(error, CredentialUnavailable):
-            self._upstream_error("credential")
+        if error.kind is not None:
+            self._upstream_error(error.kind)
         self.status = error.status
-        self.response_started = True
-        self.response_done = True
-        self.wrote_error = True
+        self.outcome = outcome
         self.t_first = time.perf_counter()
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        if not self.request_done and self.head.expect_continue and not self.wrote_upstream:
-            self.close_after = True  # the client may be holding its body back: end it here
+        self._cancel_task()
+        self._detach_upstream(reusable=False)
         if isinstance(error, BadRequest) or self.client.draining:
             self.close_after = True
-        body = render_error(error, self.family, close=self.close_after)
+        if self.req in READING and not self._can_discard_rest():
+            self.close_after = True
+        body = render_error(
+            error,
+            self.family,
+            close=self.close_after,
+            head_request=self.head.method == b"HEAD",
+            keep_alive_10=not self.head.http11,
+        )
         self.bytes_out += len(body)
         self.client.write(body)
-        if self.request_done:
-            self._finish()
+        self._end_response()
 
-    def _abort_client(self, reason: str) -> None:
+    def fail(self, outcome: Outcome, reason: str) -> None:
+        """Cut the client connection: what it was owed goes first, so a truncated response
+        is seen as truncated (no final chunk, or fewer bytes than announced)."""
+        if self.finished:
+            return
         logger.warning("aborting client connection: %s", reason)
+        if self.resp is not DONE:
+            self.outcome = outcome
         self.close_after = True
-        self.client.abort()
-        self._finish()
+        self.client.abort(reset=self.close_delimited and self.resp is BODY)
+        self._to(req=ABANDONED if self.req not in REQUEST_FINAL else None, resp=FAILED)
 
-    def abandon(self, status: int) -> None:
-        """The request turned out malformed: drop everything bound for the upstream."""
-        self.status = status
-        self.client_lost()
+    def reject_request(self, error: ProxyError) -> None:
+        """The request turned out malformed mid-body: nothing more of it is read or sent."""
+        self.close_after = True
+        if self.resp is WAITING:
+            self.respond_error(error)
+        elif self.resp is BODY:
+            self.fail("client_aborted", f"malformed request body: {error.message}")
+        else:
+            self._to(req=ABANDONED)
 
     def client_lost(self) -> None:
         """The client went away: stop everything on its behalf at once."""
         if self.finished:
             return
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.close()
-        if not self.response_done:
+        if self.resp is not DONE:
+            self.outcome = "client_aborted"
             self.status = self.status or 499
         self.close_after = True
-        self._finish()
+        req = ABANDONED if self.req not in REQUEST_FINAL else None
+        self._to(req=req, resp=FAILED if self.resp is not DONE else None)
+
+    def drain_cut(self) -> None:
+        """The shutdown deadline passed with this exchange still running."""
+        if not self.finished:
+            self.fail("drain_cut", "the shutdown deadline passed")
 
     def check_idle(self, now: float, idle_timeout: float) -> None:
-        """Called by the server's sweeper: end an exchange on which no byte moved for too long."""
-        moved = self.bytes_in + self.bytes_out
+        """Called by the server's sweeper: end an exchange on which nothing moved for too long.
+
+        Whoever the proxy was waiting for is to blame: a client that stops sending its body
+        gets 408 (or is cut, mid-response, when it stops reading); an upstream that sends
+        nothing gives 504 (or a cut).
+        """
+        moved = self.bytes_in + self.bytes_out + self.interim
         if moved != self.watch_bytes:
             self.watch_bytes = moved
             self.watch_since = now
             return
         if now - self.watch_since < idle_timeout:
             return
-        self._upstream_error("idle_timeout")
-        if self.response_started:
-            self._abort_client(f"no data for {idle_timeout:g} s")
-        else:
-            self.respond_error(
-                UpstreamTimeout(f"The upstream sent nothing for {idle_timeout:g} s (idle_timeout).")
-            )
-            if not self.request_done:
+        client_to_blame = self.req is DISCARDING or (
+            self.req in READING and not self.client.gate.holds(UPSTREAM_FULL)
+        )
+        if self.resp is WAITING:
+            if client_to_blame:
                 self.close_after = True
-                self.client.close()
-                self._finish()
+                self.respond_error(
+                    ClientIdle(f"The request body stalled for {idle_timeout:g} s (idle_timeout)."),
+                    "idle_timeout",
+                )
+            else:
+                self.respond_error(
+                    UpstreamIdle(
+                        f"The upstream sent nothing for {idle_timeout:g} s (idle_timeout)."
+                    ),
+                    "idle_timeout",
+                )
+            return
+        if self.resp is BODY and not self.client.write_paused:
+            self._upstream_error("idle_timeout")
+            self.fail("idle_timeout", f"the upstream sent nothing for {idle_timeout:g} s")
+        else:
+            self.fail("idle_timeout", f"the client took nothing for {idle_timeout:g} s")
 
     def _finish(self) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        if self.state.metrics is not None or self.state.access_log:
+        shared = self.shared
+        if shared.metrics is not None or shared.access_log:
             self.t_end = time.perf_counter()
-            self.state.batch.defer(self._account)  # once the last bytes are on their way
+            shared.batch.defer(self._account)  # once the last bytes are on their way
         self.client.exchange_finished(self)
+
+    # ================================================================ accounting
+
+    def read_usage(self) -> usage_.Usage | None:
+        """The token usage the response reported, read once it is finished."""
+        if self.reply is not None:
+            reply, self.reply = self.reply, None
+            return usage_.read_json(reply)
+        if self.stream_reader is not None:
+            self.stream_reader.finish()
+            return self.stream_reader.usage
+        return None
+
+    def record(self, usage: usage_.Usage | None) -> ExchangeRecord:
+        """What this exchange was, once it is finished."""
+        tokens = usage[1] if usage is not None else None
+        head = self.head
+        scanned = self.response_scan
+        rid = scanned.request_id if scanned is not None else None
+        ua = head.scan.user_agent
+        return ExchangeRecord(
+            request_id=self.shared.next_request_id(),
+            start_time=self.wall_start,
+            client_key=self.key_name or PASSTHROUGH,
+            client_addr=self.client.peer(),
+            method=head.method.decode("latin-1"),
+            path=head.target.split(b"?", 1)[0].decode("latin-1"),
+            api=self.family,
+            status=self.status,
+            outcome=self.outcome,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
+            ttfb=self.t_first - self.t_start if self.t_first else None,
+            duration=(self.t_end or time.perf_counter()) - self.t_start,
+            model=usage[0] if usage is not None else None,
+            input_tokens=tokens[0] if tokens is not None and tokens[0] >= 0 else None,
+            output_tokens=tokens[1] if tokens is not None and tokens[1] >= 0 else None,
+            upstream_request_id=rid.decode("latin-1") if rid is not None else None,
+            user_agent=ua.decode("latin-1") if ua is not None else None,
+            traceparent=(
+                head.scan.traceparent.decode("latin-1") if head.scan.traceparent else None
+            ),
+            attempts=self.attempts,
+        )
 
     def _account(self) -> None:
         """Usage, metrics and the access line: after the response, never in its way."""
-        usage: usage_.Usage | None = None
-        if self.reply is not None:
-            usage = usage_.read_json(self.reply)
-            self.reply = None
-        elif self.stream_reader is not None:
-            self.stream_reader.finish()
-            usage = self.stream_reader.usage
-        state = self.state
-        name = self.key_name or PASSTHROUGH
-        ttfb = self.t_first - self.t_start if self.t_first else -1.0
-        duration = self.t_end - self.t_start
-        metrics = state.metrics
+        usage = self.read_usage()
+        rec = self.record(usage)
+        metrics = self.shared.metrics
         if metrics is not None:
             metrics.observe(
                 route_of(self.head.target),
-                self.status,
-                name,
-                ttfb,
-                duration,
-                self.bytes_in,
-                self.bytes_out,
+                rec.status,
+                rec.client_key,
+                rec.ttfb if rec.ttfb is not None else -1.0,
+                rec.duration,
+                rec.bytes_in,
+                rec.bytes_out,
             )
             if usage is not None:
-                metrics.usage(name, usage[0], usage[1])
-        if state.access_log:
-            self._log_access(name, ttfb, duration, usage)
+                metrics.usage(rec.client_key, usage[0], usage[1])
+        if self.shared.access_log:
+            _log_access(rec)
 
-    def _log_access(
-        self, name: str, ttfb: float, duration: float, usage: usage_.Usage | None
-    ) -> None:
-        path = self.head.target.split(b"?", 1)[0].decode("latin-1")
-        rid = self.state.next_request_id()
-        counts = usage_.counts(usage)
-        tokens = ""
-        if counts:
-            tokens = f" model={usage[0] if usage and usage[0] else '-'}" + (
-                f" tokens_in={counts.get('input', 0)} tokens_out={counts.get('output', 0)}"
-            )
-        access_logger.info(
-            '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms%s',
-            rid,
-            name,
-            self.head.method.decode("latin-1"),
-            path,
-            self.status,
-            self.bytes_in,
-            self.bytes_out,
-            ttfb * 1000 if ttfb >= 0 else -1.0,
-            duration * 1000,
-            tokens,
-            extra={
-                "request_id": rid,
-                "client_key": name,
-                "status": self.status,
-                "model": usage[0] if usage else None,
-                "tokens": counts,
-            },
+
+def _log_access(rec: ExchangeRecord) -> None:
+    tokens = ""
+    if rec.input_tokens is not None or rec.output_tokens is not None:
+        tokens = (
+            f" model={rec.model or '-'} tokens_in={rec.input_tokens or 0}"
+            f" tokens_out={rec.output_tokens or 0}"
         )
-
-
-def _connect_failed(exc: OSError) -> str:
-    reason = exc.strerror or type(exc).__name__
-    return f"Could not connect to the upstream: {reason}."
+    ttfb = rec.ttfb * 1000 if rec.ttfb is not None else -1.0
+    access_logger.info(
+        '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms outcome=%s%s',
+        rec.request_id,
+        rec.client_key,
+        rec.method,
+        rec.path,
+        rec.status,
+        rec.bytes_in,
+        rec.bytes_out,
+        ttfb,
+        rec.duration * 1000,
+        rec.outcome,
+        tokens,
+        extra={"exchange": rec, "request_id": rec.request_id, "client_key": rec.client_key},
+    )

@@ -1,25 +1,35 @@
 """The listening side: an HTTP/1.1 server Protocol (llhttp via httptools) and its lifecycle.
 
 :class:`ProxyServer` binds (port 0 allowed), serves, and shuts down in three steps: stop
-accepting, let in-flight exchanges finish up to a deadline, then abort what is left.
-Each client connection parses requests and hands every event to its current
-:class:`~claude_proxy.relay.Exchange`; pipelined requests wait their turn.
+accepting, let in-flight exchanges finish up to a deadline, then cut what is left.
+
+A :class:`ClientConnection` is in one phase at a time, and each phase has one deadline, checked
+by the server's sweeper::
+
+    IDLE ──first byte──▶ HEAD ──head parsed──▶ EXCHANGE ──finished──▶ IDLE (or CLOSING)
+    keepalive_timeout    header_timeout        idle_timeout          write timeout
+
+Pipelining without acting ahead: while an exchange is under way, a request that follows it on
+the connection stops reading the client (the pipeline's pause) and what was already read of it
+is kept as plain data, a :class:`Queued` request, which runs no timer and writes nothing until
+its turn comes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import itertools
 import logging
 import os
 import secrets
 import socket
 import ssl
+import struct
 import time
 from collections import deque
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Final, cast
 
 import httptools
@@ -37,30 +47,31 @@ from .errors import (
     family_of,
     render_error,
 )
-from .headers import HeaderScan, scan
+from .flow import PIPELINE, ReadGate
+from .headers import scan
 from .logs import flush_handlers
 from .metrics import Metrics, exposition
-from .relay import Exchange
+from .relay import ABANDONED, Exchange, RequestHead
 from .upstream import Origin, UpstreamPool
 
 logger = logging.getLogger(__name__)
 
-# Reasons a client connection's reading is paused; reading resumes when none is left.
-PAUSE_UPSTREAM: Final = 1  # the upstream is not taking the request body as fast as it comes
-PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the one before it
+# A closing connection whose client takes no byte of what it is still owed for this long (or
+# idle_timeout, if shorter) is cut; so is one lingering that long (reading and dropping what
+# the client still sends, so that it reads the answer rather than a reset).
+CLOSE_TIMEOUT: Final = 10.0
+MAX_QUEUED_BODY: Final = 1024 * 1024
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)
 
 
-@dataclass(slots=True)
-class RequestHead:
-    method: bytes
-    target: bytes
-    headers: list[tuple[bytes, bytes]]
-    scan: HeaderScan
-    keep_alive: bool
-    http11: bool
-    chunked: bool
-    expect_continue: bool
-    anthropic_version: bool
+class Phase(enum.Enum):
+    IDLE = "idle"  # between requests: keepalive_timeout
+    HEAD = "head"  # inside a request head: header_timeout
+    EXCHANGE = "exchange"  # an exchange is under way: idle_timeout, judged by the exchange
+    CLOSING = "closing"  # flushing what is owed, then closed: cut after CLOSE_TIMEOUT idle
+
+
+IDLE, HEAD, EXCHANGE, CLOSING = Phase.IDLE, Phase.HEAD, Phase.EXCHANGE, Phase.CLOSING
 
 
 class ServerState:
@@ -79,6 +90,8 @@ class ServerState:
         self.auth = auth
         self.pool = pool
         self.origin = pool.origin
+        self.host_header = pool.origin.host_header
+        self.prefix = pool.origin.prefix
         self.batch = pool.batch
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -88,9 +101,15 @@ class ServerState:
         self._update_logging()
         self._id_prefix = secrets.token_hex(3)
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        """Start a task the server owns: it is awaited or cancelled at shutdown."""
-        task = asyncio.get_running_loop().create_task(coro)
+    def spawn(
+        self,
+        coro: Coroutine[Any, Any, None],
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> asyncio.Task[None]:
+        """Start a task the server owns: awaited or cancelled at shutdown. If it fails, the
+        failure is logged with its traceback and ``on_error`` is told (so a client waiting on
+        it gets an answer): no task fails silently."""
+        task = asyncio.get_running_loop().create_task(_guarded(coro, on_error))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
@@ -113,30 +132,65 @@ class ServerState:
         return sum(1 for c in self.connections if c.active is not None)
 
     def open_streams(self) -> int:
-        return sum(
-            1
-            for c in self.connections
-            if c.active is not None and c.active.streaming and not c.active.response_done
-        )
+        return sum(1 for c in self.connections if c.active is not None and c.active.streaming)
+
+
+async def _guarded(
+    coro: Coroutine[Any, Any, None], on_error: Callable[[BaseException], None] | None
+) -> None:
+    try:
+        await coro
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        logger.error("a request task failed", exc_info=exc)
+        if on_error is not None:
+            on_error(exc)
+
+
+class Queued:
+    """A pipelined request read while the one before it is under way: data, not an actor."""
+
+    __slots__ = ("body", "body_bytes", "complete", "error", "head", "trailers")
+
+    def __init__(self, head: RequestHead | None, error: ProxyError | None = None) -> None:
+        self.head = head
+        self.error = error
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_request_body(self, data: bytes) -> None:
+        self.body.append(data)
+        self.body_bytes += len(data)
+
+    def on_request_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        self.trailers = trailers
+        self.complete = True
 
 
 class ClientConnection(Batched, asyncio.Protocol):
     """One client's TCP (or TLS) connection, speaking HTTP/1.1."""
 
     __slots__ = (
+        "_close_watch",
         "_head_bytes",
-        "_head_since",
         "_head_size",
         "_headers",
-        "_reading",
+        "_in_head",
+        "_linger",
+        "_trailers",
         "_url",
         "active",
         "draining",
-        "idle_since",
+        "gate",
         "loop",
         "parser",
-        "paused_by",
+        "phase",
+        "phase_since",
         "queue",
+        "reading",
         "state",
         "transport",
         "write_paused",
@@ -148,23 +202,33 @@ class ClientConnection(Batched, asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.active: Exchange | None = None  # whose response is being written
-        self._reading: Exchange | None = None  # whose request body is being read
-        self.queue: deque[Exchange] = deque()
-        self.paused_by = 0
+        self.gate = ReadGate()
+        self.active: Exchange | None = None  # whose response is owed next
+        self.reading: Exchange | Queued | None = None  # whose body the parser is reading
+        self.queue: deque[Queued] = deque()
         self.write_paused = False
         self.draining = state.draining
-        self.idle_since = self.loop.time()
-        self._head_since = 0.0
-        self._head_bytes = -1  # raw bytes read since the head began; -1: not inside a head
+        self.phase = IDLE
+        self.phase_since = self.loop.time()
+        self._in_head = False  # the parser is inside a request head
+        self._linger = False
+        self._close_watch = -1
+        self._head_bytes = 0  # raw bytes read since the head began
         self._head_size = 0  # bytes of the target and the complete header lines
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None  # set once the head is done
+
+    def _enter(self, phase: Phase) -> None:
+        """The one place the phase changes; its deadline counts from now."""
+        self.phase = phase
+        self.phase_since = self.loop.time()
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.gate.attach(self.transport)
         self.state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -172,14 +236,17 @@ class ClientConnection(Batched, asyncio.Protocol):
         state.connections.discard(self)
         if state.draining and not state.connections:
             state.drained.set()
-        exchanges = [ex for ex in (self.active, self._reading, *self.queue) if ex is not None]
-        self.active = self._reading = None
+        self.phase = CLOSING
+        active, self.active = self.active, None
+        self.reading = None
         self.queue.clear()
-        for ex in dict.fromkeys(exchanges):
-            ex.client_lost()
+        if active is not None:
+            active.client_lost()
 
     def data_received(self, data: bytes) -> None:
-        if self._head_bytes >= 0:
+        if self.phase is CLOSING:
+            return  # lingering: what the client still sends is dropped
+        if self._in_head:
             self._head_bytes += len(data)
         opened = self.batch.begin()
         try:
@@ -203,7 +270,7 @@ class ClientConnection(Batched, asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._reject(BadRequest(f"Malformed HTTP request: {_parser_reason(exc)}."))
         else:
-            if self._head_bytes > self.state.config.max_header_bytes:
+            if self._in_head and self._head_bytes > self.state.config.max_header_bytes:
                 self._reject(HeadersTooLarge("Request head too large."))
 
     def eof_received(self) -> bool | None:
@@ -225,10 +292,15 @@ class ClientConnection(Batched, asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._headers = []
+        self._trailers = None
         self._head_size = 0
-        self._head_since = self.loop.time()
-        if self._head_bytes < 0:
-            self._head_bytes = 0
+        self._head_bytes = 0
+        self._in_head = True
+        if self.active is None:
+            self._enter(HEAD)
+        else:
+            # a pipelined request: the client is not read again until its turn
+            self.gate.pause(PIPELINE)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -236,6 +308,9 @@ class ClientConnection(Batched, asyncio.Protocol):
             raise UriTooLong("Request target too long.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))  # a trailer: never one of the head's fields
+            return
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
         config = self.state.config
@@ -245,7 +320,33 @@ class ClientConnection(Batched, asyncio.Protocol):
             raise HeadersTooLarge("Request head too large.")
 
     def on_headers_complete(self) -> None:
-        self._head_bytes = -1
+        self._in_head = False
+        self._trailers = []
+        head = self._request_head()
+        if self.active is None:
+            self._start(head)
+        else:
+            queued = Queued(head)
+            self.queue.append(queued)
+            self.reading = queued
+
+    def on_body(self, body: bytes) -> None:
+        reading = self.reading
+        if reading is not None:
+            reading.on_request_body(body)
+            if isinstance(reading, Queued) and reading.body_bytes > MAX_QUEUED_BODY:
+                raise HeadersTooLarge("Pipelined request body too large to hold.")
+
+    def on_message_complete(self) -> None:
+        reading, self.reading = self.reading, None
+        trailers, self._trailers = self._trailers or [], None
+        if reading is not None:
+            reading.on_request_complete(trailers)
+
+    # ---------------------------------------------------------------- requests
+
+    def _request_head(self) -> RequestHead:
+        """The parsed head, or BadRequest for what no server may accept (RFC 9112)."""
         parser = self.parser
         method = parser.get_method()
         target = self._url
@@ -256,13 +357,19 @@ class ClientConnection(Batched, asyncio.Protocol):
             )
         headers = self._headers
         found = scan(headers)
+        http11 = parser.get_http_version() == "1.1"
+        # §3.2: 400 for an HTTP/1.1 request without Host, and for any with more than one
+        if found.hosts > 1 or (http11 and found.hosts == 0):
+            raise BadRequest("A request must carry exactly one Host header.")
+        # §6.1: Transfer-Encoding in HTTP/1.0 means faulty framing; answer, then close
+        if found.transfer_encoding and not http11:
+            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request.")
         if parser.should_upgrade() and (found.chunked or found.content_length):
             # llhttp hands the bytes after an upgrade request's head to the new protocol
             raise BadRequest("A protocol upgrade request cannot carry a body.")
         if found.expect is not None and found.expect != b"100-continue":
             raise BadRequest("Unsupported Expect header.")
-        http11 = parser.get_http_version() == "1.1"
-        head = RequestHead(
+        return RequestHead(
             method=method,
             target=target,
             headers=headers,
@@ -273,138 +380,167 @@ class ClientConnection(Batched, asyncio.Protocol):
             expect_continue=found.expect is not None and http11,
             anthropic_version=found.anthropic_version,
         )
+
+    def _start(self, head: RequestHead, queued: Queued | None = None) -> None:
         exchange = Exchange(self.state, self, head)
-        self._reading = exchange
-        if self.active is None:
-            self.active = exchange
-            exchange.start()
-        else:
-            self.queue.append(exchange)
-            self.pause_reading(PAUSE_PIPELINE)
-
-    def on_body(self, body: bytes) -> None:
-        if self._reading is not None:
-            self._reading.on_request_body(body)
-
-    def on_message_complete(self) -> None:
-        exchange = self._reading
-        self._reading = None
-        if exchange is not None:
-            exchange.on_request_complete()
-
-    # ---------------------------------------------------------------- used by Exchange
-
-    def close(self) -> None:
-        """Close after what has been written, batched writes included."""
-        self.flush()
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        """Cut the connection; what the client was already owed goes first, so a truncated
-        response is seen as truncated (no final chunk, or fewer bytes than announced)."""
-        self.flush()
-        if self.transport is not None:
-            self.transport.abort()
-
-    def pause_reading(self, reason: int = PAUSE_UPSTREAM) -> None:
-        """Stop reading from the client for ``reason``; reading resumes once none is left."""
-        if self.paused_by == 0 and self.transport is not None:
-            self.transport.pause_reading()
-        self.paused_by |= reason
-
-    def resume_reading(self, reason: int = PAUSE_UPSTREAM) -> None:
-        if not self.paused_by & reason:
-            return
-        self.paused_by &= ~reason
-        if self.paused_by == 0 and self.transport is not None:
-            self.transport.resume_reading()
+        self.active = exchange
+        if queued is None or self.reading is queued:
+            self.reading = exchange  # its body (or the rest of it) comes from the parser
+        if queued is not None:
+            for part in queued.body:  # held before it starts, as if it had just arrived
+                exchange.on_request_body(part)
+            if queued.complete:
+                exchange.on_request_complete(queued.trailers)
+        self._enter(EXCHANGE)
+        exchange.start()
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self.active:
-            return  # a queued exchange that ended with the connection
+            return
         self.active = None
+        if self.reading is exchange:
+            self.reading = None
         if exchange.close_after or self.draining:
-            self.close()
+            self._close(linger=exchange.req is ABANDONED)
             return
         if self.queue:
-            nxt = self.queue.popleft()
-            self.active = nxt
-            if not self.queue:
-                self.resume_reading(PAUSE_PIPELINE)
-            nxt.start()
+            queued = self.queue.popleft()
+            if queued.head is None:
+                self._answer_and_close(queued.error or BadRequest("Malformed HTTP request."))
+                return
+            self._start(queued.head, queued)
+        else:
+            self._enter(HEAD if self._in_head else IDLE)
+        if not self.queue and self.phase is not CLOSING:
+            self.gate.resume(PIPELINE)  # nothing parsed is waiting: read what comes next
+
+    # ---------------------------------------------------------------- used by Exchange
+
+    def peer(self) -> str:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
+
+    def _close(self, *, linger: bool = False) -> None:
+        """Close after what has been written, batched writes included. ``linger``: the client
+        may still be sending; half-close and drop what comes so that it reads the answer
+        rather than a reset (RFC 9112 §9.6)."""
+        if self.phase is CLOSING:
             return
-        self.idle_since = self.loop.time()
+        self._enter(CLOSING)
+        self.flush()
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if linger and transport.can_write_eof():
+            self._linger = True
+            transport.write_eof()
+            self.gate.resume_all()
+        else:
+            transport.close()
+
+    def close(self) -> None:
+        self._close()
+
+    def abort(self, reset: bool = False) -> None:
+        """Cut the connection; what the client was already owed goes first, so a truncated
+        response is seen as truncated (no final chunk, or fewer bytes than announced).
+
+        ``reset``: the body being cut is delimited by the close, where a plain close would
+        read as its proper end; a TCP reset (SO_LINGER 0) is the only way to say it is not.
+        """
+        self.flush()
+        self.phase = CLOSING
+        transport = self.transport
+        if transport is None:
+            return
+        if reset:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
 
     # ---------------------------------------------------------------- server control
 
     def check_timeouts(self, now: float) -> None:
+        """The deadline of the current phase (the sweeper calls this)."""
         config = self.state.config
-        if self._head_bytes >= 0 and now - self._head_since > config.header_timeout:
-            logger.info(
-                "closing a connection whose request head took over %gs", config.header_timeout
-            )
-            self.abort()
-            return
-        for exchange in (self.active, self._reading):
-            if exchange is not None:
-                exchange.check_idle(now, config.idle_timeout)
-        if (
-            self.active is None
-            and self._reading is None
-            and self._head_bytes < 0
-            and now - self.idle_since > config.keepalive_timeout
-        ):
-            self.close()
+        phase = self.phase
+        if phase is EXCHANGE:
+            if self.active is not None:
+                self.active.check_idle(now, config.idle_timeout)
+        elif phase is IDLE:
+            if now - self.phase_since > config.keepalive_timeout:
+                self._close()
+        elif phase is HEAD:
+            if now - self.phase_since > config.header_timeout:
+                logger.info(
+                    "closing a connection whose request head took over %gs",
+                    config.header_timeout,
+                )
+                self.abort()
+        elif self.transport is not None:
+            # CLOSING: cut a client that takes nothing more, or lingers too long
+            size = self.transport.get_write_buffer_size()
+            if size != self._close_watch and size > 0:
+                self._close_watch = size
+                self.phase_since = now
+            elif now - self.phase_since > min(config.idle_timeout, CLOSE_TIMEOUT):
+                self.abort()
 
     def start_draining(self) -> None:
         self.draining = True
-        if self.active is None and self._reading is None and self._head_bytes < 0:
-            self.close()
+        if self.phase is IDLE:
+            self._close()
         elif self.active is not None:
             self.active.close_after = True
+
+    def drain_cut(self) -> None:
+        """The shutdown deadline passed: cut what is still running."""
+        if self.active is not None:
+            self.active.drain_cut()
+        self.abort()
 
     # ---------------------------------------------------------------- errors
 
     def _reject(self, error: ProxyError) -> None:
-        """Answer a request that cannot be parsed or is refused before it has an exchange.
+        """A request that cannot be parsed or is refused by its head: answer it in its turn.
 
-        Whatever that request had queued for the upstream is dropped: it never leaves.
+        The parser is dead after an error, so nothing after it is read; whatever that request
+        had queued for the upstream is dropped: it never leaves.
         """
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.phase is CLOSING:
             return
-        logger.info("rejected a request from %s: %d %s", self._peer(), error.status, error.message)
-        reading, self._reading = self._reading, None
-        if reading is not None and reading.response_started:
-            self.abort()  # a response is under way: nothing sensible can follow it
-            return
-        earlier = self.active if self.active is not reading else None
-        if earlier is None:
-            self.write(render_error(error, family_of(self._url, False), close=True))
-        if reading is not None:
-            if reading in self.queue:
-                self.queue.remove(reading)
-            reading.abandon(error.status)
-        if earlier is not None:
-            earlier.close_after = True  # let the earlier response end, then close
-            self.pause_reading(PAUSE_PIPELINE)
-            return
-        self.active = None
-        self.close()
+        logger.info("rejected a request from %s: %d %s", self.peer(), error.status, error.message)
+        self.gate.pause(PIPELINE)  # nothing more can be parsed
+        self._in_head = False
+        active, reading = self.active, self.reading
+        self.reading = None
+        if active is None:
+            self._answer_and_close(error)
+        elif reading is active:
+            active.close_after = True
+            active.reject_request(error)
+        else:
+            self.queue.append(Queued(None, error))  # answered once the one before is done
+            active.close_after = True
 
-    def _peer(self) -> str:
-        peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+    def _answer_and_close(self, error: ProxyError) -> None:
+        head_request = self.parser.get_method() == b"HEAD" if self._url else False
+        self.write(
+            render_error(error, family_of(self._url, False), close=True, head_request=head_request)
+        )
+        self._close()
 
     def _upgrade_requested(self) -> None:
         """An ``Upgrade`` request (h2c, websocket) is served as plain HTTP/1.1, as RFC 9110
         allows; what follows it on the connection is not read, and it closes afterwards."""
+        self.gate.pause(PIPELINE)
         active = self.active
         if active is None:
-            self.close()
+            self._close()
             return
         active.close_after = True
-        self.pause_reading(PAUSE_PIPELINE)
 
 
 def _parser_reason(exc: Exception) -> str:
@@ -522,7 +658,13 @@ class ProxyServer:
 
     def _sweep_interval(self) -> float:
         c = self.config
-        shortest = min(c.idle_timeout, c.header_timeout, c.keepalive_timeout)
+        shortest = min(
+            c.idle_timeout,
+            c.header_timeout,
+            c.keepalive_timeout,
+            c.pool_idle_timeout,
+            CLOSE_TIMEOUT,
+        )
         return max(0.05, min(1.0, shortest / 4))
 
     async def _sweep(self) -> None:
@@ -534,6 +676,7 @@ class ProxyServer:
             now = loop.time()
             for conn in list(state.connections):
                 conn.check_timeouts(now)
+            state.pool.reap(now)
             if self.metrics is not None:
                 self.metrics.refresh()
             flush_handlers()
@@ -574,7 +717,7 @@ class ProxyServer:
             conn.start_draining()
         drained = await self._wait_drained(timeout)
         for conn in list(state.connections):
-            conn.abort()
+            conn.drain_cut()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import trustme
@@ -89,9 +90,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         print(f"\nsecret scan: {_EVERYTHING.seen} log records, {len(SECRETS)} secrets, no leak")
 
 
-@pytest.fixture(scope="session")
-def lt() -> Iterator[LoopThread]:
-    thread = LoopThread()
+LOOPS = ["asyncio"] if sys.platform == "win32" else ["asyncio", "uvloop"]
+
+
+@pytest.fixture(scope="session", params=LOOPS)
+def lt(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    """The loop the in-process proxy and fakes run on: every test that uses it runs on the
+    standard asyncio loop and on uvloop (which production uses where it exists)."""
+    thread = LoopThread(request.param)
     yield thread
     thread.stop()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -40,8 +41,14 @@ def secret(value: str) -> str:
 class LoopThread:
     """An event loop running in a daemon thread; ``run`` executes a coroutine there."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, kind: str = "asyncio") -> None:
+        if kind == "uvloop":
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
+        self.kind = kind
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
@@ -203,8 +210,16 @@ class _UpstreamProtocol(asyncio.Protocol):
                 transport.close()
                 return
             elif step is RESET:
-                transport.abort()
+                reset(transport)
                 return
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """A real TCP reset (SO_LINGER 0), not the FIN that a plain abort sends."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class RawUpstream:
@@ -428,9 +443,14 @@ def request_bytes(
     body: bytes = b"",
     *,
     chunked: bool = False,
+    host: bool = True,
 ) -> bytes:
+    """An HTTP/1.1 request; ``host`` adds ``Host: proxy.local`` unless ``headers`` has one
+    (RFC 9112 §3.2: a request without it gets 400)."""
     lines = [f"{method} {target} HTTP/1.1\r\n".encode()]
     hs = list(headers)
+    if host and not any(k.lower() == "host" for k, _ in hs):
+        hs.insert(0, ("Host", "proxy.local"))
     if chunked:
         hs.append(("Transfer-Encoding", "chunked"))
     elif body or method in ("POST", "PUT", "PATCH"):

@@ -43,7 +43,7 @@ def test_slow_client_pauses_the_upstream(make_upstream, make_proxy, lt: LoopThre
         lambda: (
             conn.active is not None
             and conn.active.upstream is not None
-            and conn.active.upstream.read_paused
+            and conn.active.upstream.gate.paused
         ),
         timeout=10,
     )
@@ -65,7 +65,7 @@ def test_slow_upstream_pauses_the_client(make_upstream, make_proxy, lt: LoopThre
     sock = raw_connect(proxy.port, timeout=30)
     sock.setblocking(False)
     head = (
-        b"POST /upload HTTP/1.1\r\nx-api-key: "
+        b"POST /upload HTTP/1.1\r\nHost: p\r\nx-api-key: "
         + CLIENT_KEY.encode()
         + b"\r\nContent-Length: %d\r\n\r\n" % BIG
     )
@@ -87,7 +87,7 @@ def test_slow_upstream_pauses_the_client(make_upstream, make_proxy, lt: LoopThre
             time.sleep(0.01)
     assert sent < BIG // 2, sent  # we could not push the whole body: backpressure
     conn = proxy_side(proxy, lt)
-    assert lt.call(lambda: conn.paused_by) != 0  # the proxy paused reading its client
+    assert lt.call(lambda: conn.gate.owners) != 0  # the proxy paused reading its client
     upstream_buffer = lt.call(lambda: conn.active.upstream.transport.get_write_buffer_size())
     assert upstream_buffer < 4 * 1024 * 1024, upstream_buffer
     lt.call(up.release_held)

@@ -128,7 +128,8 @@ def test_response_before_request_body_is_done(make_upstream, make_proxy) -> None
         assert resp.status == 413
         sock.sendall(request_bytes("POST", "/next", [("x-api-key", CLIENT_KEY)], b"{}"))
         assert read_response(sock).status == 413
-    assert up.connections == 2
+    # reused only if the upload had all gone out before the answer came (a race)
+    assert up.connections == 2 or up.requests[0].complete
 
 
 def upstream_closed_after(up: RawUpstream, close_client: Callable[[], None]) -> float:
@@ -168,7 +169,7 @@ def test_client_gone_mid_upload_closes_upstream_fast(make_upstream, make_proxy) 
     proxy = make_proxy(up.url)
     sock = raw_connect(proxy.port)
     head = (
-        b"POST /x HTTP/1.1\r\nx-api-key: "
+        b"POST /x HTTP/1.1\r\nHost: p\r\nx-api-key: "
         + CLIENT_KEY.encode()
         + b"\r\nContent-Length: 10000000\r\n\r\n"
     )

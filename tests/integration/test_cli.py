@@ -235,7 +235,7 @@ def test_process_serves_and_drains_a_stream_on_signal(
     proc.wait_line("shutting down")
     # new connections are refused while the stream drains
     with pytest.raises(OSError):
-        raw_connect(port, timeout=2).sendall(b"GET / HTTP/1.1\r\n\r\n")
+        raw_connect(port, timeout=2).sendall(b"GET / HTTP/1.1\r\nHost: p\r\n\r\n")
     release.set()
     while not got.endswith(b"0\r\n\r\n"):
         chunk = sock.recv(1000)

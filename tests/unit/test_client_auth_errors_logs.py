@@ -12,8 +12,8 @@ from claude_proxy.errors import (
     BadRequest,
     CredentialUnavailable,
     Unauthorized,
-    UpstreamTimeout,
-    UpstreamUnavailable,
+    UpstreamClosed,
+    UpstreamIdle,
     error_body,
     family_of,
     render_error,
@@ -78,9 +78,9 @@ def test_keyring_holds_no_plain_keys() -> None:
     [
         (BadRequest("m"), 400, "invalid_request_error"),
         (Unauthorized("m"), 401, "authentication_error"),
-        (UpstreamUnavailable("m"), 502, "api_error"),
+        (UpstreamClosed("m"), 502, "api_error"),
         (CredentialUnavailable("m"), 503, "api_error"),
-        (UpstreamTimeout("m"), 504, "api_error"),
+        (UpstreamIdle("m"), 504, "api_error"),
     ],
 )
 def test_error_shapes(error: Unauthorized, status: int, atype: str) -> None:
