@@ -284,7 +284,7 @@ class TokenAuth(UpstreamAuth):
             self._failed(describe_credential_error(exc))
             raise
         token = Token(access.token, float(access.expires_on), self._clock())
-        register_secret(token.value)
+        register_secret(token.value, transient=True)
         previous, was_rejected = self._token, self._current_rejected
         self._token = token
         self._header = UpstreamCredential("bearer", token.value.encode("latin-1"))

@@ -8,6 +8,7 @@ since no code path logs one on purpose.
 
 from __future__ import annotations
 
+import collections
 import logging
 import logging.handlers
 import sys
@@ -31,24 +32,63 @@ LEVELS = {
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SUFFIX = {"daily": "%Y-%m-%d", "hourly": "%Y-%m-%d-%H"}
 
-_secrets: set[str] = set()
+# Longest first, so a secret that contains another is blanked whole. A tuple, replaced on each
+# registration, so a record being redacted never sees the collection change under it.
+_secrets: tuple[str, ...] = ()
+_lasting: set[str] = set()
+# Tokens register as they arrive, one an hour for months: only the latest few are kept, or each
+# log line would be searched for every token ever issued.
+TRANSIENT_KEPT = 4
+_transient: collections.deque[str] = collections.deque(maxlen=TRANSIENT_KEPT)
+_REDACTED = "<redacted>"
+_plain = logging.Formatter()  # renders a traceback the way every formatter of ours would
 
 
-def register_secret(value: str) -> None:
-    """Make sure ``value`` never appears in a log line (tokens register as they arrive)."""
-    if len(value) >= 4:
-        _secrets.add(value)
+def register_secret(value: str, *, transient: bool = False) -> None:
+    """Make sure ``value`` never appears in a log line. ``transient``: a token, superseded by
+    the next; only the latest :data:`TRANSIENT_KEPT` are kept."""
+    global _secrets
+    if len(value) < 4 or value in _lasting or value in _transient:
+        return
+    if transient:
+        _transient.append(value)
+    else:
+        _lasting.add(value)
+    _secrets = tuple(sorted({*_lasting, *_transient}, key=len, reverse=True))
+
+
+def redact(text: str) -> str:
+    """``text`` with every known secret replaced by ``<redacted>``."""
+    secrets = _secrets
+    if secrets and any(secret in text for secret in secrets):
+        for secret in secrets:
+            text = text.replace(secret, _REDACTED)
+    return text
 
 
 class RedactSecrets(logging.Filter):
-    """Formats the message once (the formatter reuses it) and blanks any known secret."""
+    """Blanks any known secret in what a record will print: the message with its arguments
+    (formatted here, once; the formatter reuses it), the traceback and the stack.
+
+    The traceback is rendered to ``exc_text`` here, redacted, and ``exc_info`` dropped, so no
+    handler after this one can render the raw exception again; the standard formatter prints
+    ``exc_text`` as it would have printed the traceback.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if _secrets and any(secret in message for secret in _secrets):
-            for secret in _secrets:
-                message = message.replace(secret, "<redacted>")
-        record.msg, record.args = message, None
+        try:
+            message = record.getMessage()
+        except Exception:  # bad arguments: logging would report it; never raise to the caller
+            message = f"{record.msg!r} % {record.args!r}"
+        record.msg, record.args = redact(message), None
+        if record.exc_info:
+            if not record.exc_text:
+                record.exc_text = _plain.formatException(record.exc_info)
+            record.exc_info = None
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
         return True
 
 
