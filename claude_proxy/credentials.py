@@ -183,8 +183,9 @@ class TokenAuth(UpstreamAuth):
         raise CredentialUnavailable(self._unavailable_message())
 
     def rejected(self, credential: UpstreamCredential) -> None:
-        """One successor per rejected token: 401s for a replaced or already rejected one are news
-        to nobody. The first rejection in a streak fetches at once; later ones back off."""
+        """One successor per rejected token: a 401 for a token already replaced, or already
+        rejected, changes nothing. The first rejection in a streak fetches at once; later ones
+        back off."""
         header = self._header
         if header is None or credential.value != header.value or self._current_rejected:
             return
