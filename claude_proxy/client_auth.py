@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .config import ClientKey
@@ -58,12 +58,21 @@ def _digest(key: bytes) -> bytes:
 
 
 class KeyRing:
-    """The configured client keys, kept only as digests."""
+    """The configured client keys, kept only as digests.
 
-    __slots__ = ("_entries",)
+    ``compare`` is :func:`hmac.compare_digest`; a test passes a recording wrapper to check that
+    every configured key is compared, always as two digests of one length.
+    """
 
-    def __init__(self, keys: Sequence[ClientKey]) -> None:
+    __slots__ = ("_compare", "_entries")
+
+    def __init__(
+        self,
+        keys: Sequence[ClientKey],
+        compare: Callable[[bytes, bytes], bool] = hmac.compare_digest,
+    ) -> None:
         self._entries = tuple((_digest(k.key.encode()), k.name) for k in keys)
+        self._compare = compare
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -74,9 +83,10 @@ class KeyRing:
     def match(self, key: bytes) -> str | None:
         """The name of the key, or None; every configured key is compared, match or not."""
         digest = _digest(key)
+        compare = self._compare
         found = None
         for expected, name in self._entries:
-            if hmac.compare_digest(digest, expected) and found is None:
+            if compare(digest, expected) and found is None:
                 found = name
         return found
 

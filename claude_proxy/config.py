@@ -36,6 +36,7 @@ AuthType = Literal[
     "azure_default",
 ]
 Rotation = Literal["hourly", "daily", "never"]
+AccessFormat = Literal["text", "json"]
 Level = Literal["trace", "debug", "info", "warn", "warning", "error"]
 TlsMode = Literal["off", "manual"]
 
@@ -65,11 +66,16 @@ class UpstreamAuthConfig:
 
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
-    log_path: str | None = None
+    log_path: str | None = None  # a directory; None: stdout
     rotation: Rotation = "daily"
     level: Level = "info"
     log_prefix: str = "claude-proxy"
     access_log: bool = True
+    access_format: AccessFormat = "text"
+    # A directory for the access log's own file (<log_prefix>-access.log); None: with the rest.
+    access_log_path: str | None = None
+    # Rotated files kept per log file; 0 keeps all.
+    backup_count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,6 +379,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{key}: must be greater than 0")
     if config.workers < 1:
         raise ConfigError("workers: must be at least 1")
+    if config.logging.backup_count < 0:
+        raise ConfigError("logging.backup_count: expected 0 (keep every file) or more")
     if config.upstream_auth.token_timeout <= 0:
         raise ConfigError("upstream_auth.token_timeout: must be greater than 0")
     for needed in _AUTH_NEEDS.get(config.upstream_auth.type, ()):

@@ -9,8 +9,11 @@
 * during an outage the still-valid token keeps being served while refreshes back off; state
   changes are logged once, not per request;
 * no valid token: :class:`~claude_proxy.errors.CredentialUnavailable` (503) with safe text;
-* an upstream 401 on a token marks it suspect: the credential object is rebuilt (its internal
-  cache would hand back the same token) and the next request waits for a fresh one.
+* an upstream 401 to a token gets that token one replacement, however many requests it failed:
+  requests wait for the fresh one (bounded by the acquisition's timeout). When the fresh token is
+  rejected too, or the source hands back the rejected one, the next try is backed off (doubling,
+  capped) and requests meanwhile carry the latest token, so the upstream's own 401 reaches the
+  client instead of a proxy error for everything.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ REFRESH_BEFORE = 240.0
 BACKOFF_FIRST = 1.0
 MIN_INTERVAL = 0.5
 BACKOFF_MAX = 30.0
+# A rejection streak is forgotten after this many back-off caps without a 401.
+FORGET_AFTER_CAPS = 10.0
 
 
 class UpstreamAuth:
@@ -136,7 +141,11 @@ class TokenAuth(UpstreamAuth):
         self._clock = clock
         self._token: Token | None = None
         self._header: UpstreamCredential | None = None
-        self._suspect = False
+        self._current_rejected = False  # the upstream answered 401 to the token in use
+        self._streak = 0  # tokens the upstream rejected in a row
+        self._backoff: float | None = None  # the wait before the current rejected token's successor
+        self._fresh_timer: asyncio.TimerHandle | None = None
+        self._forget_timer: asyncio.TimerHandle | None = None
         self._inflight: asyncio.Task[Token] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -150,11 +159,13 @@ class TokenAuth(UpstreamAuth):
 
     def credential_now(self) -> UpstreamCredential | None:
         header = self._header
-        if header is not None and not self._suspect and self._usable(self._token):
-            return header
-        if self._inflight is not None and not self._inflight.done():
+        if header is not None and self._usable(self._token):
+            if not self._current_rejected or not self.acquiring:
+                return header  # a rejected token's successor is backed off: the upstream decides
+            return None  # the successor of a rejected token is on its way: wait for it
+        if self.acquiring:
             return None  # a token is on its way: wait for it
-        if self._last_error is not None and not self._suspect:
+        if self._last_error is not None:
             self._set_state("unavailable", f"the token expired; {self._last_error}")
             raise CredentialUnavailable(self._unavailable_message())
         self._kick()
@@ -168,18 +179,33 @@ class TokenAuth(UpstreamAuth):
         with contextlib.suppress(Exception):
             await asyncio.shield(self._inflight)
         if self._header is not None and self._usable(self._token):
-            return self._header
+            return self._header  # possibly the rejected one, when no other could be had
         raise CredentialUnavailable(self._unavailable_message())
 
     def rejected(self, credential: UpstreamCredential) -> None:
-        if self._header is None or credential.value != self._header.value or self._suspect:
+        """One successor per rejected token: a 401 for a token already replaced, or already
+        rejected, changes nothing. The first rejection in a streak fetches at once; later ones
+        back off."""
+        header = self._header
+        if header is None or credential.value != header.value or self._current_rejected:
             return
-        logger.warning("the upstream rejected the Entra ID token (401); fetching a new one")
-        self._suspect = True
-        self._kick()
+        self._current_rejected = True
+        self._streak += 1
+        self._remember_streak()
+        if self._streak == 1:
+            self._set_state(
+                "rejected", "the upstream answered 401 to the token; fetching a fresh one"
+            )
+            self._kick()
+        else:
+            self._refused(f"the upstream rejected {self._streak} tokens in a row")
 
     def ready(self) -> bool:
-        return not self._suspect and self._usable(self._token)
+        return not self._current_rejected and self._usable(self._token)
+
+    @property
+    def acquiring(self) -> bool:
+        return self._inflight is not None and not self._inflight.done()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -197,6 +223,9 @@ class TokenAuth(UpstreamAuth):
         return self.ready()
 
     async def close(self) -> None:
+        for timer in (self._fresh_timer, self._forget_timer):
+            if timer is not None:
+                timer.cancel()
         tasks = [t for t in (self._refresher, self._inflight) if t is not None and not t.done()]
         for task in tasks:
             task.cancel()
@@ -205,7 +234,16 @@ class TokenAuth(UpstreamAuth):
 
     def status(self) -> dict[str, Any]:
         token = self._token
-        out: dict[str, Any] = {"type": self.description, "scope": self.scope, "state": self._state}
+        out: dict[str, Any] = {
+            "type": self.description,
+            "scope": self.scope,
+            "state": self._state,
+            "acquiring": self.acquiring,
+        }
+        if self._streak:
+            out["rejections"] = self._streak
+        if self._fresh_timer is not None and self._backoff is not None:
+            out["backoff"] = self._backoff
         if token is not None:
             out["expires_on"] = token.expires_on
             out["expires_in"] = round(token.expires_on - self._clock())
@@ -247,12 +285,22 @@ class TokenAuth(UpstreamAuth):
             self._failed(describe_credential_error(exc))
             raise
         token = Token(access.token, float(access.expires_on), self._clock())
-        register_secret(token.value)
+        register_secret(token.value, transient=True)
+        previous, was_rejected = self._token, self._current_rejected
         self._token = token
         self._header = UpstreamCredential("bearer", token.value.encode("latin-1"))
-        self._suspect = False
         self._last_error = None
-        self._set_state("ok", f"token acquired, valid for {token.expires_on - self._clock():.0f} s")
+        same = was_rejected and previous is not None and previous.value == token.value
+        self._current_rejected = same
+        valid = f"valid for {token.expires_on - self._clock():.0f} s"
+        if same:
+            self._streak += 1
+            self._remember_streak()
+            self._refused("the token source handed back the token the upstream rejected")
+        elif self._state == "refused":
+            logger.debug("fresh token acquired, %s, after %d rejected", valid, self._streak)
+        else:
+            self._set_state("ok", f"token acquired, {valid}")
         if self._wake is not None:
             self._wake.set()
         return token
@@ -261,10 +309,12 @@ class TokenAuth(UpstreamAuth):
         if self.metrics is not None:
             self.metrics.failures.inc()
         self._last_error = reason
-        if self._usable(self._token) and not self._suspect:
+        if self._usable(self._token):
+            rejected = ", although the upstream rejected it," if self._current_rejected else ""
             self._set_state(
                 "degraded",
-                f"token refresh failed ({reason}); the current token is still valid and in use",
+                f"token refresh failed ({reason}); the current token is still valid "
+                f"and{rejected} in use",
             )
         else:
             self._set_state("unavailable", f"no valid upstream token: {reason}")
@@ -275,8 +325,46 @@ class TokenAuth(UpstreamAuth):
         if state == self._state:
             return
         previous, self._state = self._state, state
-        level = {"ok": logging.INFO, "degraded": logging.WARNING}.get(state, logging.ERROR)
+        level = _STATE_LEVELS.get(state, logging.ERROR)
         logger.log(level, "upstream credential %s -> %s: %s", previous, state, message)
+
+    # ---------------------------------------------------------------- rejections
+
+    def _refused(self, reason: str) -> None:
+        """The upstream keeps rejecting: fetch the next token after a back-off, not at once."""
+        delay = rejection_backoff(self._streak, BACKOFF_FIRST, self.backoff_max)
+        self._set_state(
+            "refused",
+            f"{reason}; check the identity's role on the resource and upstream_auth.scope. "
+            f"Fresh tokens are tried with back-off up to {self.backoff_max:g} s; meanwhile "
+            "requests carry the latest token and clients get the upstream's 401",
+        )
+        logger.debug("next fresh token in %.1f s (%d rejected in a row)", delay, self._streak)
+        if self._fresh_timer is not None:
+            self._fresh_timer.cancel()
+        self._backoff = delay
+        self._fresh_timer = asyncio.get_running_loop().call_later(delay, self._fresh_due)
+
+    def _fresh_due(self) -> None:
+        self._fresh_timer = None
+        if self._current_rejected:
+            self._kick()
+
+    def _remember_streak(self) -> None:
+        """(Re)arm the timer that forgets the streak once no 401 has come for a while."""
+        if self._forget_timer is not None:
+            self._forget_timer.cancel()
+        after = FORGET_AFTER_CAPS * self.backoff_max
+        self._forget_timer = asyncio.get_running_loop().call_later(after, self._forget, after)
+
+    def _forget(self, after: float) -> None:
+        self._forget_timer = None
+        if self._current_rejected:
+            self._remember_streak()  # no successor yet (source down): not over
+            return
+        self._streak = 0
+        if self._state in ("rejected", "refused"):
+            self._set_state("ok", f"no 401 for the current token in {after:g} s")
 
     def _unavailable_message(self) -> str:
         reason = self._last_error or "no token yet"
@@ -314,6 +402,22 @@ class TokenAuth(UpstreamAuth):
                     continue  # something changed (acquired, failed, suspect): recompute
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._kick())
+
+
+_STATE_LEVELS = {
+    "ok": logging.INFO,
+    "degraded": logging.WARNING,
+    "rejected": logging.WARNING,
+    "refused": logging.ERROR,
+}
+
+
+def rejection_backoff(streak: int, first: float, cap: float) -> float:
+    """The wait before fetching a token to follow the ``streak``-th rejected one in a row: none
+    after the first (a 401 is usually a token revoked or expired early), then doubling."""
+    if streak <= 1:
+        return 0.0
+    return min(first * 2.0 ** (streak - 2), cap)
 
 
 def _consume(task: asyncio.Task[Token]) -> None:
