@@ -64,9 +64,7 @@ async def test_responses_stream_gives_the_answer(mock_url: str) -> None:
 
 async def test_responses_stream_with_message_input(mock_url: str) -> None:
     """Codex sends a list of input items, not a string."""
-    items = [
-        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
-    ]
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
     async with openai_client(mock_url) as client:
         async with client.responses.stream(model="gpt-5-codex", input=items) as stream:
             deltas = [e.delta async for e in stream if e.type == "response.output_text.delta"]
