@@ -152,3 +152,15 @@ def test_response_object_is_a_valid_sdk_response() -> None:
     assert done.output_text == f"{REPLY_PREFIX} You said: hello"
     started = Response.model_validate(response_object("gpt-5", "hello", "resp_x", "in_progress"))
     assert started.output == [] and started.usage is None
+
+
+def test_responses_stream_through_the_proxy(mock: tuple[MockFoundry, int], make_proxy) -> None:
+    """What Codex does in the demo: the Responses stream, via the proxy, with a proxy key."""
+    from ..helpers import CLIENT_KEY
+
+    proxy = make_proxy(f"http://127.0.0.1:{mock[1]}")
+    client = openai.OpenAI(base_url=proxy.url + "/openai/v1", api_key=CLIENT_KEY, max_retries=0)
+    with client, client.responses.stream(model="gpt-5-codex", input="ping from the SDK") as s:
+        deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
+        final = s.get_final_response()
+    assert "".join(deltas) == final.output_text == ANSWER
