@@ -408,7 +408,7 @@ async def demo(port: int, verbose: bool) -> int:
         await runner.cleanup()
         return EXIT_STARTUP_FAILURE
     base = f"http://127.0.0.1:{server.port}"
-    body = '{"model":"claude-sonnet-4-5","max_tokens":64,"stream":true,"messages":' + (
+    body = '{"model":"claude-sonnet-4-6","max_tokens":64,"stream":true,"messages":' + (
         '[{"role":"user","content":"Hello!"}]}'
     )
     print(DEMO_TEXT.format(base=base, key=DEMO_CLIENT_KEY, mock=mock_port, body=body), flush=True)
@@ -436,12 +436,20 @@ Client key: {key}. Try (Anthropic, streamed):
     -H "content-type: application/json" \\
     -d '{body}'
 
-or OpenAI style:
+or OpenAI style (Responses API, as Codex uses it):
 
-  curl {base}/openai/v1/chat/completions -H "Authorization: Bearer {key}" \\
+  curl {base}/openai/v1/responses -H "Authorization: Bearer {key}" \\
     -H "content-type: application/json" \\
-    -d '{{"model":"gpt-4o","messages":[{{"role":"user","content":"Hello!"}}]}}'
+    -d '{{"model":"gpt-5","input":"Hello!"}}'
 
-Claude Code: ANTHROPIC_BASE_URL={base}/anthropic ANTHROPIC_API_KEY={key} claude
+Claude Code:
+  ANTHROPIC_BASE_URL={base}/anthropic ANTHROPIC_AUTH_TOKEN={key} claude -p "Hello!"
+Codex:
+  CLAUDE_PROXY_KEY={key} codex exec --skip-git-repo-check -m gpt-5-codex \\
+    -c model_provider=demo -c model_providers.demo.name=demo \\
+    -c model_providers.demo.base_url={base}/openai/v1 -c model_providers.demo.wire_api=responses \\
+    -c model_providers.demo.env_key=CLAUDE_PROXY_KEY "Hello!"
+SDKs: base_url {base}/anthropic (anthropic) or {base}/openai/v1 (openai), api_key {key}.
+Foundry serves only those two prefixes: a base URL without one gets 404, here as there.
 Stop with Ctrl-C. For the real thing, copy config.example.toml to config.toml.
 """

@@ -82,6 +82,8 @@ class LoggingConfig:
 class AdminConfig:
     bind_address: str = "127.0.0.1"
     port: int | None = None
+    # distinct model names used as metric labels; later ones are counted as "other"
+    max_model_labels: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +383,8 @@ def _check(config: Config) -> None:
         raise ConfigError("workers: must be at least 1")
     if config.logging.backup_count < 0:
         raise ConfigError("logging.backup_count: expected 0 (keep every file) or more")
+    if not 1 <= config.admin.max_model_labels <= 10000:
+        raise ConfigError("admin.max_model_labels: expected 1..10000 (each name is a label value)")
     if config.upstream_auth.token_timeout <= 0:
         raise ConfigError("upstream_auth.token_timeout: must be greater than 0")
     for needed in _AUTH_NEEDS.get(config.upstream_auth.type, ()):

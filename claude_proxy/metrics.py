@@ -2,12 +2,20 @@
 
 A request is counted in plain integers (:class:`Tally`), at a fraction of the cost of
 prometheus-client's locked values, and the tallies are folded into the prometheus-client
-metrics when they are read: before every scrape, and each second with several workers.
+metrics when they are read: before every scrape, and each second with several workers. The relay
+hands over one :class:`~claude_proxy.record.ExchangeRecord` per finished request
+(:meth:`Metrics.observe_record`).
 
-Labels come from bounded sets only: the route family (anthropic, openai, other), the status
-class, the client key's configured name (or passthrough / rejected / open), the upstream error
-kind, and the model name, capped at :data:`MAX_MODELS` distinct values ("other" past that).
-Never a raw path, never a key.
+Labels come from bounded sets only: the API (anthropic, openai), the status class and the exact
+code (100-599, anything else "other"), who answered (upstream or proxy), the outcome
+(:data:`~claude_proxy.record.OUTCOMES`), the client key's configured name (or passthrough /
+rejected / open), the upstream error kind, and the model name, capped at ``max_models`` distinct
+values. Never a raw path, never a key.
+
+A request's model name is client-supplied until the upstream has answered it: a name becomes a
+label only once a request for it succeeded (or the upstream reported it), so junk names in
+failing requests cannot use up the cap. Before that, and past the cap, the label is "other";
+with no model at all, "unknown".
 
 With several workers, prometheus-client's multiprocess mode aggregates them: the supervisor
 sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start and serves the sum.
@@ -16,6 +24,7 @@ sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start and serves the sum.
 from __future__ import annotations
 
 import os
+import platform
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Final
@@ -29,7 +38,9 @@ from prometheus_client import (
     multiprocess,
 )
 
-from .usage import KINDS
+from . import __version__
+from .record import ExchangeRecord
+from .usage import KINDS, MAX_NAME
 
 NAMESPACE: Final = "claude_proxy"
 REQUESTS: Final = "claude_proxy_requests"
@@ -45,8 +56,9 @@ CREDENTIAL_ACQUISITIONS: Final = "claude_proxy_credential_acquisitions"
 CREDENTIAL_FAILURES: Final = "claude_proxy_credential_failures"
 CREDENTIAL_EXPIRES_IN: Final = "claude_proxy_credential_expires_in_seconds"
 READY: Final = "claude_proxy_ready"
+BUILD_INFO: Final = "claude_proxy_build_info"
 
-MAX_MODELS: Final = 64
+MAX_MODELS: Final = 64  # the default of [admin] max_model_labels
 LATENCY_BUCKETS: Final = (
     0.001,
     0.005,
@@ -68,6 +80,10 @@ LATENCY_BUCKETS: Final = (
     1800,
 )
 STATUS_CLASS: Final = {n: f"{n}xx" for n in range(1, 6)}
+STATUS_CODE: Final = {n: str(n) for n in range(100, 600)}
+OTHER: Final = "other"
+UNKNOWN: Final = "unknown"
+REQUEST_LABELS: Final = ("route", "status", "code", "client", "model", "outcome", "origin")
 ERROR_KINDS: Final = frozenset(
     {"connect_refused", "connect_timeout", "closed", "malformed", "idle_timeout", "credential"}
 )
@@ -82,7 +98,7 @@ def route_of(path: bytes) -> str:
 
 
 class Tally:
-    """One (route, status class, client)'s requests since the last fold, in plain numbers."""
+    """One label set's requests since the last fold, in plain numbers."""
 
     __slots__ = (
         "bytes_in",
@@ -136,25 +152,33 @@ def add_to_histogram(child: Histogram, counts: list[int], total: float) -> None:
 class Metrics:
     """Every metric of one process; requests and tokens are tallied and folded when read."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, max_models: int = MAX_MODELS
+    ) -> None:
         self.multiprocess = "PROMETHEUS_MULTIPROC_DIR" in os.environ
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_models = max_models
         r = self.registry
         self.requests = Counter(
             REQUESTS,
-            "Requests answered, by route family, status class and client key name",
-            ["route", "status", "client"],
+            "Requests finished, by API, status class, exact status code, client key name, model, "
+            "outcome and origin (upstream: relayed from it; proxy: made by the proxy)",
+            REQUEST_LABELS,
             registry=r,
         )
         self.duration = Histogram(
             DURATION,
             "Request duration to the last byte",
-            ["route"],
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.ttfb = Histogram(
-            TTFB, "Time to the first response byte", ["route"], buckets=LATENCY_BUCKETS, registry=r
+            TTFB,
+            "Time to the first response byte",
+            ["route", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.bytes_in = Counter(BYTES_IN, "Request body bytes received", ["route"], registry=r)
         self.bytes_out = Counter(BYTES_OUT, "Response body bytes sent", ["route"], registry=r)
@@ -192,12 +216,20 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemin",
         )
-        self._tallies: dict[tuple[str, int, str], Tally] = {}
-        self._models: set[str] = set()
-        # (client, model label) -> [input, output, cache_read, cache_write] since the last fold,
-        # and the same lists by (client, model as reported), the request path's lookup
+        self.build_info = Gauge(
+            BUILD_INFO,
+            "Always 1; the labels say which claude-proxy and which Python this is",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+        # (route, status, client, model label, outcome) -> what was counted since the last fold
+        self._tallies: dict[tuple[str, int, str, str, str], Tally] = {}
+        # model name -> its label, for the names admitted (at most max_models of them)
+        self._labels: dict[str, str] = {}
+        # (client, model label) -> [input, output, cache_read, cache_write] since the last fold
         self._totals: dict[tuple[str, str], list[int]] = {}
-        self._tokens: dict[tuple[str, str | None], list[int]] = {}
         self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
             self.upstream_errors.labels(kind)
@@ -241,6 +273,70 @@ class Metrics:
                     self.tokens.labels(client, model, kind).inc(n)  # once per scrape: no cache
                     total[i] = 0
 
+    def observe_record(self, rec: ExchangeRecord) -> None:
+        """Count one finished exchange: the request, its latency, bytes and tokens."""
+        ok = rec.status < 400 and rec.outcome != "rejected"
+        model = self.model_label(rec.model or rec.request_model, admit=ok or rec.model is not None)
+        client = rec.client_key
+        tally = self._tally(rec.api, rec.status, client, model, rec.outcome)
+        tally.count += 1
+        tally.bytes_in += rec.bytes_in
+        tally.bytes_out += rec.bytes_out
+        duration = rec.duration
+        tally.duration[bisect_left(LATENCY_BUCKETS, duration)] += 1
+        tally.duration_sum += duration
+        ttfb = rec.ttfb
+        if ttfb is not None and ttfb >= 0:
+            tally.ttfb[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
+            tally.ttfb_sum += ttfb
+        n_in = rec.input_tokens
+        n_out = rec.output_tokens
+        if n_in or n_out:
+            total = self._totals.get((client, model))
+            if total is None:
+                total = self._totals[(client, model)] = [0, 0, 0, 0]
+            if n_in is not None and n_in > 0:
+                total[0] += n_in
+            if n_out is not None and n_out > 0:
+                total[1] += n_out
+
+    def model_label(self, name: str | None, admit: bool = True) -> str:
+        """The label for a model name: itself once admitted (``admit``, and fewer than
+        ``max_models`` so far), "other" otherwise, "unknown" for none."""
+        if not name:
+            return UNKNOWN
+        label = self._labels.get(name)
+        if label is not None:
+            return label
+        if not admit or len(self._labels) >= self.max_models:
+            return OTHER
+        label = self._labels[name] = name[:MAX_NAME]
+        return label
+
+    def _tally(self, route: str, status: int, client: str, model: str, outcome: str) -> Tally:
+        key = (route, status, client, model, outcome)
+        tally = self._tallies.get(key)
+        if tally is None:
+            origin = "proxy" if outcome == "rejected" else "upstream"
+            tally = self._tallies[key] = Tally(
+                (
+                    self.requests.labels(
+                        route,
+                        STATUS_CLASS.get(status // 100, OTHER),
+                        STATUS_CODE.get(status, OTHER),
+                        client,
+                        model,
+                        outcome,
+                        origin,
+                    ),
+                    self.duration.labels(route, model),
+                    self.ttfb.labels(route, model),
+                    self.bytes_in.labels(route),
+                    self.bytes_out.labels(route),
+                )
+            )
+        return tally
+
     def observe(
         self,
         route: str,
@@ -251,18 +347,9 @@ class Metrics:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        key = (route, status // 100, client)
-        tally = self._tallies.get(key)
-        if tally is None:
-            tally = self._tallies[key] = Tally(
-                (
-                    self.requests.labels(route, STATUS_CLASS.get(key[1], "other"), client),
-                    self.duration.labels(route),
-                    self.ttfb.labels(route),
-                    self.bytes_in.labels(route),
-                    self.bytes_out.labels(route),
-                )
-            )
+        """The relay's call until it hands over records (:meth:`observe_record`): no model or
+        outcome is known here, so both are "unknown". Remove once the relay has switched."""
+        tally = self._tally(route, status, client, UNKNOWN, UNKNOWN)
         tally.count += 1
         tally.bytes_in += bytes_in
         tally.bytes_out += bytes_out
@@ -276,40 +363,15 @@ class Metrics:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()
 
     def usage(self, client: str, model: str | None, tokens: list[int]) -> None:
-        """Add one response's ``tokens`` (one count per kind, -1 for none)."""
-        key = (client, model)
-        total = self._tokens.get(key)
+        """Add one response's ``tokens`` (one count per kind, -1 for none), under the model as
+        the upstream reported it. With :meth:`observe_record` the record carries the tokens."""
+        label = self.model_label(model)
+        total = self._totals.get((client, label))
         if total is None:
-            total = self._token_total(client, model)
-        # spelled out rather than looped: this runs once per response
-        n = tokens[0]
-        if n > 0:
-            total[0] += n
-        n = tokens[1]
-        if n > 0:
-            total[1] += n
-        n = tokens[2]
-        if n > 0:
-            total[2] += n
-        n = tokens[3]
-        if n > 0:
-            total[3] += n
-
-    def _token_total(self, client: str, model: str | None) -> list[int]:
-        """The running total for a client and model; past :data:`MAX_MODELS` distinct names,
-        models share the one labelled "other" (and are looked up here each time)."""
-        name = model or "unknown"
-        if name not in self._models:
-            if len(self._models) >= MAX_MODELS:
-                name = "other"
-            else:
-                self._models.add(name)
-        total = self._totals.get((client, name))
-        if total is None:
-            total = self._totals[(client, name)] = [0, 0, 0, 0]
-        if name != "other":
-            self._tokens[(client, model)] = total
-        return total
+            total = self._totals[(client, label)] = [0, 0, 0, 0]
+        for i, n in enumerate(tokens):
+            if n > 0:
+                total[i] += n
 
 
 def exposition(metrics: Metrics) -> bytes:

@@ -1,9 +1,16 @@
 """A local stand-in for Microsoft AI Foundry, for the demo and the tests.
 
-Serves the Anthropic surface (``/anthropic/v1/messages``, streamed or not, and
-``count_tokens``) and the OpenAI v1 surface (``/openai/v1/chat/completions`` and
-``/openai/v1/responses``, streamed or not), also without the ``/anthropic`` / ``/openai``
-prefix. It checks the credential the proxy attaches and replies with recognisable text.
+Serves what Foundry serves, at Foundry's paths: the Anthropic surface
+(``/anthropic/v1/messages``, streamed or not, and ``count_tokens``), the OpenAI v1 surface
+(``/openai/v1/chat/completions``, ``/openai/v1/responses`` streamed or not, ``/openai/v1/models``)
+and the older ``/openai/deployments/{name}/chat/completions``. Any other path gets Foundry's 404,
+with a hint when the path lacks ``/anthropic`` or ``/openai`` (a base URL without it works nowhere
+on Foundry, so it must not work in the demo either). It checks the credential the proxy attaches
+and replies with recognisable text.
+
+A Responses stream follows OpenAI's published event sequence, each event with the fields the
+OpenAI SDK's typed events have (``openai/types/responses/``), so Codex and ``responses.stream()``
+assemble the answer.
 """
 
 from __future__ import annotations
@@ -22,6 +29,30 @@ from typing import Any
 from aiohttp import web
 
 REPLY_PREFIX = "Hello from the claude-proxy mock!"
+# What /openai/v1/models lists; any other name is answered as well (it is echoed back).
+MODELS = (
+    "claude-sonnet-4-6",
+    "claude-opus-4-6",
+    "claude-haiku-4-5",
+    "gpt-4o",
+    "gpt-4.1",
+    "gpt-5",
+    "gpt-5-codex",
+    "mock-model",
+)
+ANTHROPIC_HINT = (
+    "Anthropic models are served under /anthropic: end the client's base URL with /anthropic "
+    "(ANTHROPIC_BASE_URL=http://<proxy>/anthropic)."
+)
+OPENAI_HINT = (
+    "OpenAI models are served under /openai/v1: end the client's base URL with /openai/v1 "
+    '(for Codex, base_url = "http://<proxy>/openai/v1").'
+)
+SERVED_HINT = (
+    "Foundry serves /anthropic/v1/messages, /anthropic/v1/messages/count_tokens, "
+    "/openai/v1/chat/completions, /openai/v1/responses, /openai/v1/models and "
+    "/openai/deployments/<name>/chat/completions."
+)
 
 
 class MockFoundry:
@@ -42,12 +73,11 @@ class MockFoundry:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
-        for prefix in ("/anthropic", ""):
-            app.router.add_post(f"{prefix}/v1/messages", self.messages)
-            app.router.add_post(f"{prefix}/v1/messages/count_tokens", self.count_tokens)
-        for prefix in ("/openai", ""):
-            app.router.add_post(f"{prefix}/v1/chat/completions", self.chat)
-            app.router.add_post(f"{prefix}/v1/responses", self.responses)
+        app.router.add_post("/anthropic/v1/messages", self.messages)
+        app.router.add_post("/anthropic/v1/messages/count_tokens", self.count_tokens)
+        app.router.add_post("/openai/v1/chat/completions", self.chat)
+        app.router.add_post("/openai/v1/responses", self.responses)
+        app.router.add_get("/openai/v1/models", self.models)
         # The older Azure OpenAI surface: deployment in the path, api-version in the query.
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.chat)
         app.router.add_route("*", "/{tail:.*}", self.not_found)
@@ -67,11 +97,13 @@ class MockFoundry:
             for a in accepted
         )
 
-    async def _read(self, request: web.Request, anthropic: bool) -> dict[str, Any] | web.Response:
+    async def _read(
+        self, request: web.Request, anthropic: bool, body: bool = True
+    ) -> dict[str, Any] | web.Response:
         self.seen.append({"path": request.path_qs, "headers": request.headers.copy()})
         if not self._authorized(request):
             if anthropic:
-                body: dict[str, Any] = {
+                error: dict[str, Any] = {
                     "type": "error",
                     "error": {
                         "type": "authentication_error",
@@ -79,14 +111,16 @@ class MockFoundry:
                     },
                 }
             else:
-                body = {
+                error = {
                     "error": {
                         "message": "mock: invalid credential",
                         "type": "invalid_request_error",
                         "code": "invalid_api_key",
                     }
                 }
-            return web.json_response(body, status=401)
+            return web.json_response(error, status=401)
+        if not body:
+            return {}
         try:
             doc = await request.json()
         except ValueError:
@@ -96,9 +130,21 @@ class MockFoundry:
         return doc
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {"error": {"message": f"mock: no route {request.path}"}}, status=404
-        )
+        """Foundry's 404 body, its message followed by what to change."""
+        self.seen.append({"path": request.path_qs, "headers": request.headers.copy()})
+        message = f"Resource not found. {not_found_hint(request.path)}"
+        return web.json_response({"error": {"code": "404", "message": message}}, status=404)
+
+    async def models(self, request: web.Request) -> web.Response:
+        doc = await self._read(request, anthropic=False, body=False)
+        if isinstance(doc, web.Response):
+            return doc
+        created = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "claude-proxy-mock"}
+            for name in MODELS
+        ]
+        return web.json_response({"object": "list", "data": data})
 
     # ---------------------------------------------------------------- Anthropic
 
@@ -247,59 +293,13 @@ class MockFoundry:
             return doc
         prompt = doc.get("input")
         user = prompt if isinstance(prompt, str) else last_user_text(prompt)
-        text = reply_text(user)
-        words = text.split(" ")
         model = str(doc.get("model", "mock-model"))
-        in_tokens = len(user.split())
-        usage = {
-            "input_tokens": in_tokens,
-            "output_tokens": len(words),
-            "total_tokens": in_tokens + len(words),
-        }
-        rid = "resp_mock" + uuid.uuid4().hex[:12]
-        item = {
-            "id": "msg_" + rid,
-            "type": "message",
-            "status": "completed",
-            "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}],
-        }
-        done = {
-            "id": rid,
-            "object": "response",
-            "created_at": int(time.time()),
-            "status": "completed",
-            "model": model,
-            "output": [item],
-            "usage": usage,
-        }
         if not doc.get("stream"):
-            return web.json_response(done)
+            return web.json_response(response_object(model, user, "resp_mock" + _hex()))
 
         async def events() -> AsyncIterator[bytes]:
-            started = {**done, "status": "in_progress", "output": [], "usage": None}
-            yield sse(
-                "response.created",
-                {"type": "response.created", "response": started, "sequence_number": 0},
-            )
-            n = 1
-            for i, word in enumerate(words):
-                yield sse(
-                    "response.output_text.delta",
-                    {
-                        "type": "response.output_text.delta",
-                        "item_id": item["id"],
-                        "output_index": 0,
-                        "content_index": 0,
-                        "delta": word if i == 0 else " " + word,
-                        "sequence_number": n,
-                    },
-                )
-                n += 1
-            yield sse(
-                "response.completed",
-                {"type": "response.completed", "response": done, "sequence_number": n},
-            )
+            for event in response_events(model, user, "resp_mock" + _hex()):
+                yield sse(event["type"], event)
 
         return await self._stream(request, events())
 
@@ -319,6 +319,117 @@ class MockFoundry:
         except ConnectionError:
             pass  # the client went away mid-stream: normal
         return response
+
+
+def _hex() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def response_object(model: str, user: str, rid: str, status: str = "completed") -> dict[str, Any]:
+    """An OpenAI Responses ``response`` object answering ``user``: finished, or as it starts
+    (``status="in_progress"``: no output, no usage yet)."""
+    text = reply_text(user)
+    in_tokens = len(user.split())
+    out_tokens = len(text.split(" "))
+    done = status == "completed"
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": None,
+        "max_output_tokens": None,
+        "model": model,
+        "output": [output_message(rid, text, "completed")] if done else [],
+        "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": {
+            "input_tokens": in_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": out_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": in_tokens + out_tokens,
+        }
+        if done
+        else None,
+        "user": None,
+        "metadata": {},
+    }
+
+
+def output_message(rid: str, text: str | None, status: str) -> dict[str, Any]:
+    """The assistant message item; ``text`` None while it has no content part yet."""
+    content = [] if text is None else [output_text(text)]
+    return {
+        "id": "msg_" + rid,
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    }
+
+
+def output_text(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def response_events(model: str, user: str, rid: str) -> list[dict[str, Any]]:
+    """A streamed Responses answer, event by event, in the order OpenAI publishes:
+    created, in_progress, output_item.added, content_part.added, output_text.delta per word,
+    output_text.done, content_part.done, output_item.done, completed (with usage)."""
+    text = reply_text(user)
+    item_id = "msg_" + rid
+    at = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    started = response_object(model, user, rid, status="in_progress")
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": started},
+        {"type": "response.in_progress", "response": started},
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": output_message(rid, None, "in_progress"),
+        },
+        {"type": "response.content_part.added", **at, "part": output_text("")},
+    ]
+    for i, word in enumerate(text.split(" ")):
+        delta = word if i == 0 else " " + word
+        events.append({"type": "response.output_text.delta", **at, "delta": delta, "logprobs": []})
+    events += [
+        {"type": "response.output_text.done", **at, "text": text, "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": output_text(text)},
+        {
+            "type": "response.output_item.done",
+            "output_index": 0,
+            "item": output_message(rid, text, "completed"),
+        },
+        {"type": "response.completed", "response": response_object(model, user, rid)},
+    ]
+    for n, event in enumerate(events):
+        event["sequence_number"] = n
+    return events
+
+
+def not_found_hint(path: str) -> str:
+    """What to change when Foundry has nothing at ``path``: usually the client's base URL."""
+    if path.startswith("/anthropic/v1/models"):
+        return "Foundry lists no models under /anthropic; name the deployment in the request."
+    if path.startswith(("/anthropic", "/openai")):
+        return SERVED_HINT
+    if path.startswith(("/v1/messages", "/v1/complete", "/messages")):
+        return ANTHROPIC_HINT
+    if path.startswith(("/v1/", "/chat/", "/responses", "/models", "/deployments/")):
+        return OPENAI_HINT
+    return SERVED_HINT
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:

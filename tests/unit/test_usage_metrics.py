@@ -3,10 +3,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from claude_proxy.headers import scan
-from claude_proxy.metrics import LATENCY_BUCKETS, MAX_MODELS, Metrics, exposition, route_of
+from claude_proxy.metrics import Metrics, exposition, route_of
 from claude_proxy.usage import JSON, NOT_READ, STREAM, StreamReader, counts, kind_of, read_json
 
 
@@ -282,28 +282,6 @@ def test_route_of(path: bytes, route: str) -> None:
     assert route_of(path) == route
 
 
-def test_metric_labels_stay_bounded() -> None:
-    metrics = Metrics()
-    for i in range(MAX_MODELS + 50):
-        metrics.usage("alice", f"model-{i}", [1, -1, -1, -1])
-    text = exposition(metrics).decode()
-    models = {
-        line.split('model="')[1].split('"')[0]
-        for line in text.splitlines()
-        if line.startswith("claude_proxy_tokens_total{")
-    }
-    assert len(models) == MAX_MODELS + 1 and "other" in models
-    metrics.usage("alice", "model-999", [1, -1, -1, -1])  # past the cap, every time
-    text = exposition(metrics).decode()
-    assert 'claude_proxy_tokens_total{client="alice",kind="input",model="other"} 51.0' in text
-    metrics.observe("anthropic", 200, "alice", 0.01, 0.02, 10, 20)
-    metrics.observe("anthropic", 503, "alice", -1.0, 0.02, 10, 20)
-    text = exposition(metrics).decode()
-    assert 'claude_proxy_requests_total{client="alice",route="anthropic",status="2xx"} 1.0' in text
-    assert 'claude_proxy_requests_total{client="alice",route="anthropic",status="5xx"} 1.0' in text
-    assert 'claude_proxy_time_to_first_byte_seconds_count{route="anthropic"} 1.0' in text
-
-
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {
         tuple(sorted(s.labels.items())): s.value
@@ -311,38 +289,6 @@ def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str
         for s in family.samples
         if s.name == name
     }
-
-
-def test_tallies_fold_into_what_observe_would_have_recorded() -> None:
-    """The tallies are folded through prometheus-client's internals; this pins them down."""
-    metrics = Metrics()
-    reference = CollectorRegistry()
-    duration = Histogram("d", "d", ["route"], buckets=LATENCY_BUCKETS, registry=reference)
-    ttfb = Histogram("t", "t", ["route"], buckets=LATENCY_BUCKETS, registry=reference)
-    requests = Counter("r", "r", ["route", "status", "client"], registry=reference)
-    values = [0.0, 0.0005, 0.001, 0.0011, 0.05, 0.3, 2.5, 29.9, 600, 1800, 1800.5, 7200]
-    for round_ in range(2):  # folding twice must not count anything twice
-        for i, value in enumerate(values):
-            status = (200, 404, 503)[i % 3]
-            first = value / 2 if i % 4 else -1.0
-            metrics.observe("openai", status, "alice", first, value, 10, 20)
-            duration.labels("openai").observe(value)
-            if first >= 0:
-                ttfb.labels("openai").observe(first)
-            requests.labels("openai", f"{status // 100}xx", "alice").inc()
-        exposition(metrics)
-        got = metrics.registry
-        for mine, theirs in (
-            ("claude_proxy_request_duration_seconds_bucket", "d_bucket"),
-            ("claude_proxy_request_duration_seconds_sum", "d_sum"),
-            ("claude_proxy_request_duration_seconds_count", "d_count"),
-            ("claude_proxy_time_to_first_byte_seconds_bucket", "t_bucket"),
-            ("claude_proxy_time_to_first_byte_seconds_sum", "t_sum"),
-            ("claude_proxy_requests_total", "r_total"),
-        ):
-            assert samples(got, mine) == pytest.approx(samples(reference, theirs)), (round_, mine)
-    assert samples(got, "claude_proxy_request_bytes_total") == {(("route", "openai"),): 240}
-    assert samples(got, "claude_proxy_response_bytes_total") == {(("route", "openai"),): 480}
 
 
 def test_tokens_are_summed_per_client_and_model() -> None:
