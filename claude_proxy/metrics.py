@@ -89,14 +89,6 @@ ERROR_KINDS: Final = frozenset(
 )
 
 
-def route_of(path: bytes) -> str:
-    if b"/anthropic" in path or b"/v1/messages" in path:
-        return "anthropic"
-    if b"/openai" in path or b"/v1/chat" in path or b"/v1/responses" in path:
-        return "openai"
-    return "other"
-
-
 class Tally:
     """One label set's requests since the last fold, in plain numbers."""
 
@@ -225,7 +217,7 @@ class Metrics:
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
         # (route, status, client, model label, outcome) -> what was counted since the last fold
-        self._tallies: dict[tuple[str, int, str, str, str], Tally] = {}
+        self._tallies: dict[tuple[str, int, str, str, str, str], Tally] = {}
         # model name -> its label, for the names admitted (at most max_models of them)
         self._labels: dict[str, str] = {}
         # (client, model label) -> [input, output, cache_read, cache_write] since the last fold
@@ -278,7 +270,7 @@ class Metrics:
         ok = rec.status < 400 and rec.outcome != "rejected"
         model = self.model_label(rec.model or rec.request_model, admit=ok or rec.model is not None)
         client = rec.client_key
-        tally = self._tally(rec.api, rec.status, client, model, rec.outcome)
+        tally = self._tally(rec.api, rec.status, client, model, rec.outcome, rec.origin)
         tally.count += 1
         tally.bytes_in += rec.bytes_in
         tally.bytes_out += rec.bytes_out
@@ -289,16 +281,19 @@ class Metrics:
         if ttfb is not None and ttfb >= 0:
             tally.ttfb[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
             tally.ttfb_sum += ttfb
-        n_in = rec.input_tokens
-        n_out = rec.output_tokens
-        if n_in or n_out:
+        counts = (
+            rec.input_tokens,
+            rec.output_tokens,
+            rec.cache_read_tokens,
+            rec.cache_write_tokens,
+        )
+        if any(counts):
             total = self._totals.get((client, model))
             if total is None:
                 total = self._totals[(client, model)] = [0, 0, 0, 0]
-            if n_in is not None and n_in > 0:
-                total[0] += n_in
-            if n_out is not None and n_out > 0:
-                total[1] += n_out
+            for i, n in enumerate(counts):
+                if n is not None and n > 0:
+                    total[i] += n
 
     def model_label(self, name: str | None, admit: bool = True) -> str:
         """The label for a model name: itself once admitted (``admit``, and fewer than
@@ -313,11 +308,12 @@ class Metrics:
         label = self._labels[name] = name[:MAX_NAME]
         return label
 
-    def _tally(self, route: str, status: int, client: str, model: str, outcome: str) -> Tally:
-        key = (route, status, client, model, outcome)
+    def _tally(
+        self, route: str, status: int, client: str, model: str, outcome: str, origin: str
+    ) -> Tally:
+        key = (route, status, client, model, outcome, origin)
         tally = self._tallies.get(key)
         if tally is None:
-            origin = "proxy" if outcome == "rejected" else "upstream"
             tally = self._tallies[key] = Tally(
                 (
                     self.requests.labels(
@@ -337,41 +333,8 @@ class Metrics:
             )
         return tally
 
-    def observe(
-        self,
-        route: str,
-        status: int,
-        client: str,
-        ttfb: float,
-        duration: float,
-        bytes_in: int,
-        bytes_out: int,
-    ) -> None:
-        """The relay's call until it hands over records (:meth:`observe_record`): no model or
-        outcome is known here, so both are "unknown". Remove once the relay has switched."""
-        tally = self._tally(route, status, client, UNKNOWN, UNKNOWN)
-        tally.count += 1
-        tally.bytes_in += bytes_in
-        tally.bytes_out += bytes_out
-        tally.duration[bisect_left(LATENCY_BUCKETS, duration)] += 1
-        tally.duration_sum += duration
-        if ttfb >= 0:
-            tally.ttfb[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
-            tally.ttfb_sum += ttfb
-
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()
-
-    def usage(self, client: str, model: str | None, tokens: list[int]) -> None:
-        """Add one response's ``tokens`` (one count per kind, -1 for none), under the model as
-        the upstream reported it. With :meth:`observe_record` the record carries the tokens."""
-        label = self.model_label(model)
-        total = self._totals.get((client, label))
-        if total is None:
-            total = self._totals[(client, label)] = [0, 0, 0, 0]
-        for i, n in enumerate(tokens):
-            if n > 0:
-                total[i] += n
 
 
 def exposition(metrics: Metrics) -> bytes:

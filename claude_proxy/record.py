@@ -28,7 +28,7 @@ OUTCOMES: Final[tuple[Outcome, ...]] = (
 )
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class ExchangeRecord:
     """One request as it ended. Times are seconds; ``ttfb`` is None when no response began."""
 
@@ -41,6 +41,7 @@ class ExchangeRecord:
     api: Literal["anthropic", "openai"]
     status: int  # the status the client was sent; 0 when none was
     outcome: Outcome
+    origin: Literal["upstream", "proxy"]  # who made the response: relayed, or the proxy's own
     bytes_in: int  # request body bytes read from the client
     bytes_out: int  # response body bytes sent to the client
     ttfb: float | None
@@ -49,6 +50,8 @@ class ExchangeRecord:
     model: str | None = None  # as the response reported it
     input_tokens: int | None = None
     output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
     upstream_request_id: str | None = None  # apim-request-id, x-request-id or request-id
     user_agent: str | None = None
     traceparent: str | None = None  # the client's W3C trace context, as sent

@@ -36,7 +36,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from . import headers as hdr
 from . import usage as usage_
@@ -57,7 +57,7 @@ from .errors import (
     render_error,
 )
 from .flow import BUFFER_FULL, CLIENT_FULL, REQUEST_OWNERS, UPSTREAM_FULL, ReadGate
-from .metrics import route_of
+from .logs import log_access
 from .record import ExchangeRecord, Outcome
 from .usage import StreamReader
 
@@ -69,7 +69,6 @@ if TYPE_CHECKING:
     from .metrics import Metrics
 
 logger = logging.getLogger(__name__)
-access_logger = logging.getLogger("claude_proxy.access")
 
 # Request body held while the upstream connection is being opened, before reading pauses.
 PENDING_HIGH_WATER: Final = 256 * 1024
@@ -205,6 +204,7 @@ class Exchange:
         "head_method",
         "interim",
         "key_name",
+        "origin",
         "outcome",
         "pending",
         "pending_bytes",
@@ -238,6 +238,7 @@ class Exchange:
         self.req = BUFFERING if head.chunked or head.scan.content_length else BUFFERED
         self.resp = WAITING
         self.outcome: Outcome = "complete"
+        self.origin: Literal["upstream", "proxy"] = "proxy"  # until an upstream head is relayed
         self.key_name: str | None = None
         self.credential: hdr.UpstreamCredential | None = None
         self.upstream: UpstreamSide | None = None
@@ -518,6 +519,7 @@ class Exchange:
                 self.reply = []
             elif kind == usage_.STREAM:
                 self.stream_reader = StreamReader()
+        self.origin = "upstream"
         self.client.write(
             hdr.client_response_head(
                 status,
@@ -775,13 +777,16 @@ class Exchange:
             api=self.family,
             status=self.status,
             outcome=self.outcome,
+            origin=self.origin,
             bytes_in=self.bytes_in,
             bytes_out=self.bytes_out,
             ttfb=self.t_first - self.t_start if self.t_first else None,
             duration=(self.t_end or time.perf_counter()) - self.t_start,
             model=usage[0] if usage is not None else None,
-            input_tokens=tokens[0] if tokens is not None and tokens[0] >= 0 else None,
-            output_tokens=tokens[1] if tokens is not None and tokens[1] >= 0 else None,
+            input_tokens=_count(tokens, 0),
+            output_tokens=_count(tokens, 1),
+            cache_read_tokens=_count(tokens, 2),
+            cache_write_tokens=_count(tokens, 3),
             upstream_request_id=rid.decode("latin-1") if rid is not None else None,
             user_agent=ua.decode("latin-1") if ua is not None else None,
             traceparent=(
@@ -792,45 +797,12 @@ class Exchange:
 
     def _account(self) -> None:
         """Usage, metrics and the access line: after the response, never in its way."""
-        usage = self.read_usage()
-        rec = self.record(usage)
-        metrics = self.shared.metrics
-        if metrics is not None:
-            metrics.observe(
-                route_of(self.head.target),
-                rec.status,
-                rec.client_key,
-                rec.ttfb if rec.ttfb is not None else -1.0,
-                rec.duration,
-                rec.bytes_in,
-                rec.bytes_out,
-            )
-            if usage is not None:
-                metrics.usage(rec.client_key, usage[0], usage[1])
+        rec = self.record(self.read_usage())
+        if self.shared.metrics is not None:
+            self.shared.metrics.observe_record(rec)
         if self.shared.access_log:
-            _log_access(rec)
+            log_access(rec)
 
 
-def _log_access(rec: ExchangeRecord) -> None:
-    tokens = ""
-    if rec.input_tokens is not None or rec.output_tokens is not None:
-        tokens = (
-            f" model={rec.model or '-'} tokens_in={rec.input_tokens or 0}"
-            f" tokens_out={rec.output_tokens or 0}"
-        )
-    ttfb = rec.ttfb * 1000 if rec.ttfb is not None else -1.0
-    access_logger.info(
-        '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms outcome=%s%s',
-        rec.request_id,
-        rec.client_key,
-        rec.method,
-        rec.path,
-        rec.status,
-        rec.bytes_in,
-        rec.bytes_out,
-        ttfb,
-        rec.duration * 1000,
-        rec.outcome,
-        tokens,
-        extra={"exchange": rec, "request_id": rec.request_id, "client_key": rec.client_key},
-    )
+def _count(tokens: list[int] | None, i: int) -> int | None:
+    return tokens[i] if tokens is not None and tokens[i] >= 0 else None

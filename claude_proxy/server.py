@@ -418,7 +418,7 @@ class ClientConnection(Batched, asyncio.Protocol):
 
     def peer(self) -> str:
         peer = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "-"
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
 
     def _close(self, *, linger: bool = False) -> None:
         """Close after what has been written, batched writes included. ``linger``: the client
@@ -570,7 +570,11 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.tls_context: ssl.SSLContext | None = None
-        self.metrics = Metrics() if config.admin.port is not None else None
+        self.metrics = (
+            Metrics(max_models=config.admin.max_model_labels)
+            if config.admin.port is not None
+            else None
+        )
         self.admin: AdminServer | None = None
         self.state: ServerState | None = None
 

@@ -49,14 +49,18 @@ def admin_get(proxy: ProxyHandle, path: str) -> tuple[int, str]:
 
 
 def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 when absent)."""
+    """The sum of the samples of ``name`` whose labels include ``labels``, in Prometheus text
+    format; a series that is not there at all fails the test (it cannot read as 0)."""
+    total, seen = 0.0, False
     for line in text.splitlines():
         if not line.startswith(name + "{") and not line.startswith(name + " "):
             continue
         found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
         if all(found.get(k) == v for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    assert seen, f"no sample {name}{labels}"
+    return total
 
 
 @pytest.fixture

@@ -22,10 +22,26 @@ def exported() -> dict[str, set[str]]:
     metrics.bind_state(lambda: 1.0, lambda: 1.0, lambda: 3600.0, lambda: 1.0)
     metrics.observe_record(
         ExchangeRecord(
-            "r1", 0.0, "alice", "127.0.0.1:1", "POST", "/anthropic/v1/messages", "anthropic",
-            200, "complete", 10, 20, 0.01, 0.02, "m", "m", 3, 4,
+            request_id="r1",
+            start_time=0.0,
+            client_key="alice",
+            client_addr="127.0.0.1:1",
+            method="POST",
+            path="/anthropic/v1/messages",
+            api="anthropic",
+            status=200,
+            outcome="complete",
+            origin="upstream",
+            bytes_in=10,
+            bytes_out=20,
+            ttfb=0.01,
+            duration=0.02,
+            request_model="m",
+            model="m",
+            input_tokens=3,
+            output_tokens=4,
         )
-    )  # fmt: skip
+    )
     metrics.upstream_error("closed")
     metrics.acquisitions.inc()
     metrics.failures.inc()

@@ -32,6 +32,7 @@ def record(**changes: Any) -> ExchangeRecord:
         api="anthropic",
         status=200,
         outcome="complete",
+        origin="upstream",
         bytes_in=10,
         bytes_out=20,
         ttfb=0.01,
@@ -86,8 +87,12 @@ def test_upstream_429s_are_counted_apart_from_the_proxys() -> None:
     metrics = Metrics()
     metrics.observe_record(record(status=429))  # relayed from Foundry
     metrics.observe_record(record(status=429))
-    metrics.observe_record(record(status=429, outcome="rejected", model=None))  # made here
-    metrics.observe_record(record(status=401, outcome="rejected", client_key="rejected"))
+    metrics.observe_record(
+        record(status=429, outcome="rejected", origin="proxy", model=None)
+    )  # made here
+    metrics.observe_record(
+        record(status=401, outcome="rejected", origin="proxy", client_key="rejected")
+    )
     assert requests_by(metrics, "code", "origin") == {
         ("429", "upstream"): 2,
         ("429", "proxy"): 1,
@@ -205,22 +210,6 @@ def test_tokens_from_records_by_client_and_model() -> None:
         (("client", "alice"), ("kind", "output"), ("model", "claude-a")): 14,
         (("client", "bob"), ("kind", "output"), ("model", "unknown")): 5,
     }
-
-
-def test_legacy_observe_and_usage_still_count() -> None:
-    """The relay's calls until it hands over records."""
-    metrics = Metrics()
-    metrics.observe("anthropic", 200, "alice", 0.01, 0.02, 10, 20)
-    metrics.observe("anthropic", 503, "alice", -1.0, 0.02, 10, 20)
-    metrics.usage("alice", "m1", [1, -1, 2, -1])
-    assert requests_by(metrics, "status", "model", "outcome") == {
-        ("2xx", "unknown", "unknown"): 1,
-        ("5xx", "unknown", "unknown"): 1,
-    }
-    ttfb = samples(metrics.registry, "claude_proxy_time_to_first_byte_seconds_count")
-    assert ttfb == {(("model", "unknown"), ("route", "anthropic")): 1}
-    tokens = samples(metrics.registry, "claude_proxy_tokens_total")
-    assert tokens[(("client", "alice"), ("kind", "cache_read"), ("model", "m1"))] == 2
 
 
 def test_build_info() -> None:

@@ -6,7 +6,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from claude_proxy.headers import scan
-from claude_proxy.metrics import Metrics, exposition, route_of
+from claude_proxy.metrics import Metrics, exposition
+from claude_proxy.record import ExchangeRecord
 from claude_proxy.usage import JSON, NOT_READ, STREAM, StreamReader, counts, kind_of, read_json
 
 
@@ -268,20 +269,6 @@ def test_garbage_is_ignored() -> None:
     assert read_json([b'{"usage": ']) is None
 
 
-@pytest.mark.parametrize(
-    ("path", "route"),
-    [
-        (b"/anthropic/v1/messages", "anthropic"),
-        (b"/v1/messages?beta=true", "anthropic"),
-        (b"/openai/v1/responses", "openai"),
-        (b"/v1/chat/completions", "openai"),
-        (b"/healthz", "other"),
-    ],
-)
-def test_route_of(path: bytes, route: str) -> None:
-    assert route_of(path) == route
-
-
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {
         tuple(sorted(s.labels.items())): s.value
@@ -291,13 +278,38 @@ def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str
     }
 
 
+def rec(client: str, model: str | None, tokens: list[int]) -> ExchangeRecord:
+    n = [t if t >= 0 else None for t in tokens]
+    return ExchangeRecord(
+        request_id="r",
+        start_time=0.0,
+        client_key=client,
+        client_addr="",
+        method="POST",
+        path="/v1/messages",
+        api="anthropic",
+        status=200,
+        outcome="complete",
+        origin="upstream",
+        bytes_in=0,
+        bytes_out=0,
+        ttfb=0.01,
+        duration=0.02,
+        model=model,
+        input_tokens=n[0],
+        output_tokens=n[1],
+        cache_read_tokens=n[2],
+        cache_write_tokens=n[3],
+    )
+
+
 def test_tokens_are_summed_per_client_and_model() -> None:
     metrics = Metrics()
-    metrics.usage("alice", "m1", [3, 4, -1, -1])
-    metrics.usage("alice", "m1", [1, -1, 2, 0])
-    metrics.usage("bob", None, [-1, 5, -1, 6])
+    metrics.observe_record(rec("alice", "m1", [3, 4, -1, -1]))
+    metrics.observe_record(rec("alice", "m1", [1, -1, 2, 0]))
+    metrics.observe_record(rec("bob", None, [-1, 5, -1, 6]))
     exposition(metrics)
-    metrics.usage("alice", "m1", [-1, 10, -1, -1])
+    metrics.observe_record(rec("alice", "m1", [-1, 10, -1, -1]))
     exposition(metrics)
     assert samples(metrics.registry, "claude_proxy_tokens_total") == {
         (("client", "alice"), ("kind", "input"), ("model", "m1")): 4,
