@@ -782,7 +782,7 @@ def report_sse(streams: int, row: dict[str, dict[str, float]]) -> None:
         print(
             f"SSE {streams} streams, {name:<16} added p50 {r['p50_ms'] - d['p50_ms']:6.2f} ms"
             f"  p99 {r['p99_ms'] - d['p99_ms']:6.2f} ms  max {r['max_ms']:7.1f} ms"
-            f"  completed {r['completed']}/{streams}"
+            f"  completed {r['completed']:.0f}/{streams}"
             f"  RSS/stream {r.get('rss_per_stream_kb', float('nan')):5.1f} KB"
             f"  CPU/event {r.get('cpu_us_per_event', float('nan')):5.1f} us",
             flush=True,
