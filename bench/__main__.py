@@ -169,10 +169,10 @@ class Build:
             text=True,
             timeout=60,
         )
-        found = Path(done.stdout.strip()).resolve()
-        if done.returncode or not found.is_relative_to(self.root.resolve()):
+        found = done.stdout.strip()
+        if done.returncode or not Path(found).resolve().is_relative_to(self.root.resolve()):
             raise RuntimeError(
-                f"{self.name}: claude_proxy imports from {found or done.stderr.strip()!s}, "
+                f"{self.name}: claude_proxy imports from {found or done.stderr.strip()!r}, "
                 f"not from {self.root}"
             )
 
@@ -184,7 +184,8 @@ def describe(root: Path) -> str:
         return "not a git checkout"
 
 
-CURRENT = Build("claude-proxy", ROOT, describe(ROOT))
+def current_build() -> Build:
+    return Build("claude-proxy", ROOT, describe(ROOT))
 
 
 @contextlib.contextmanager
@@ -212,6 +213,7 @@ def baseline_build(ref: str, work: Path) -> Iterator[Build]:
 class Env:
     work: Path
     smoke: bool
+    current: Build = field(default_factory=current_build)
     baseline: Build | None = None
     # A/B pairs per compared row, after the first A run: 1 gives A/B/A
     rounds: int = 1
@@ -367,12 +369,14 @@ def base_config(upstream: str, port: int, workers: int) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def claude_proxy(
-    env: Env, upstream: str, workers: int = 1, *, build: Build = CURRENT, extra: str = ""
+    env: Env, upstream: str, workers: int = 1, *, build: Build | None = None, extra: str = ""
 ) -> Iterator[tuple[int, int]]:
-    """A claude-proxy process of ``build`` in front of ``upstream``; yields (port, pid).
+    """A claude-proxy process of ``build`` (this code by default) in front of ``upstream``.
 
-    ``extra``: TOML laid over the plain config (``${work}`` is a directory of this process's own).
+    Yields (port, pid). ``extra``: TOML laid over the plain config (``${work}`` is a directory of
+    this process's own).
     """
+    build = build or env.current
     port = free_port()
     work = env.work / f"cp-{port}"
     work.mkdir()
@@ -584,7 +588,7 @@ def run(env: Env) -> dict[str, Any]:
         "direct": sse_run(env, env.sse, streams, None),
         "nginx": sse_run(env, env.ngx_sse, streams, nginx_worker_pid(env)),
     }
-    this = functools.partial(sse_fresh, env, streams, CURRENT)
+    this = functools.partial(sse_fresh, env, streams, env.current)
     if env.baseline:
         before = functools.partial(sse_fresh, env, streams, env.baseline)
         a, b = alternate(this, before, env.rounds)
@@ -592,7 +596,7 @@ def run(env: Env) -> dict[str, Any]:
         table += compare(f"SSE {streams} streams", sse_metrics(row["direct"]), a, b)
     else:
         row["claude-proxy"] = this()
-    row["+ metrics, usage"] = sse_fresh(env, streams, CURRENT, "[admin]\nport = 0\n")
+    row["+ metrics, usage"] = sse_fresh(env, streams, env.current, "[admin]\nport = 0\n")
     results["sse"][str(streams)] = row
     report_sse(streams, row)
     for workers in (1, 2):
@@ -606,7 +610,7 @@ def run(env: Env) -> dict[str, Any]:
         print(
             f"\nthis code against the baseline, A/B/A ({env.rounds + 1} runs of this code, "
             f"{env.rounds} of the baseline per row; CPU from /proc):\n"
-            + markdown_table(table, CURRENT.rev, env.baseline.rev),
+            + markdown_table(table, env.current.rev, env.baseline.rev),
             flush=True,
         )
     return results
@@ -862,11 +866,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.baseline:
                 env.baseline = stack.enter_context(baseline_build(args.baseline, env.work))
-            builds = [CURRENT, *filter(None, [env.baseline])]
+            for name, toml in FEATURES:  # a typo in a feature row stops the run before any load
+                try:
+                    config_text(base_config("http://127.0.0.1:1", 1, 1), toml, work=tmp)
+                except ValueError as exc:
+                    raise ValueError(f"FEATURES row {name!r}: {exc}") from None
+            builds = [env.current, *filter(None, [env.baseline])]
             for build in builds:
                 build.check()
                 print(f"{build.name}: {build.rev} ({build.root})", flush=True)
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             print(f"bench: {exc}", file=sys.stderr)
             return 2
         try:
