@@ -36,13 +36,14 @@ check: setup
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# BASELINE=REF (a commit such as origin/main~3, or a checkout's path) also runs that code, A/B/A.
 bench: setup
 	sh bench/install-tools.sh
-	$(BIN)/python -m bench $(ARGS)
+	$(BIN)/python -m bench $(if $(BASELINE),--baseline '$(BASELINE)') $(ARGS)
 
 bench-smoke: setup
 	sh bench/install-tools.sh
-	$(BIN)/python -m bench --smoke
+	$(BIN)/python -m bench --smoke $(if $(BASELINE),--baseline '$(BASELINE)')
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis bench/results

@@ -1,9 +1,15 @@
-"""``make bench``: claude-proxy beside nginx and the upstream itself, measured in one run.
+"""``make bench``: claude-proxy beside nginx, the upstream itself and, optionally, older code.
 
 Everything runs on loopback. The upstream is nginx serving fixed bodies (plain and TLS) and a
 light SSE server; the same load goes to the upstream directly, through nginx configured for
 streaming, and through claude-proxy. With two or more cores, the relay under test (nginx or
 claude-proxy) is pinned to core 0 and the load generator and upstream to the other cores.
+
+``--baseline REF`` also runs the claude_proxy package of REF (a commit, checked out with
+``git worktree add --detach`` into the run's temporary directory and removed afterwards, or the
+path of a checkout) with the same configs, alternating A/B/A with the code under test in each
+compared row, and prints the comparison as a Markdown table. ``FEATURES`` lists the config
+variants whose cost is measured against the plain config.
 
 Prints one table (ratios first) and writes ``bench/results/bench-<time>.json``.
 """
@@ -12,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import platform
 import re
@@ -28,6 +36,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.compare import (
+    Comparison,
+    Metric,
+    alternate,
+    compare,
+    config_text,
+    feature_cost,
+    markdown_table,
+    mean_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -57,6 +76,17 @@ SMALL_REPLY = json.dumps(
 # The same bytes as text/plain, which the usage reader leaves alone: an A/B of usage reading.
 UNREAD_PATH = "/v1/messages/unread"
 LARGE = 10 * 1024 * 1024
+
+# Feature cost rows: (name, extra config TOML laid over the plain config). Each variant runs in a
+# process of its own under the plain rows' load (small POST, c=64), between two runs of the plain
+# config, and is reported as CPU per request added and throughput change against them. In the
+# TOML, ${work} is a directory of the variant's own ($$ for a literal $). Add a row per feature.
+FEATURES: list[tuple[str, str]] = [
+    ("metrics", "[admin]\nport = 0\n"),
+    ("access log file", '[logging]\nlevel = "info"\nlog_path = "${work}/logs"\n'),
+]
+# The rows compared with the baseline (small POST concurrency); in a smoke run, every row.
+BASELINE_CONNS = (1, 64, 256)
 
 
 def free_port() -> int:
@@ -95,19 +125,98 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_port(port: int, timeout: float = 10.0) -> None:
+def wait_port(
+    port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the process meant to listen on {port} exited ({proc.returncode})")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {port}")
 
 
+def git(*args: str, cwd: Path = ROOT) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    if done.returncode:
+        raise RuntimeError(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+@dataclass(frozen=True)
+class Build:
+    """One version of the claude_proxy package: the code under test, or the baseline."""
+
+    name: str
+    root: Path  # the directory holding the claude_proxy package
+    rev: str  # what it is, for the table: a commit, "+dirty" when the tree has changes
+
+    def environ(self, extra: dict[str, str]) -> dict[str, str]:
+        """The environment of its processes: its checkout first on the path, no config overrides."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("CLAUDE_PROXY__")}
+        path = [str(self.root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        return environ | {"PYTHONPATH": os.pathsep.join(path)} | extra
+
+    def check(self) -> None:
+        """Fail unless ``python -m claude_proxy`` run as the bench runs it imports this build."""
+        done = subprocess.run(
+            [PY, "-c", "import claude_proxy; print(claude_proxy.__file__)"],
+            cwd=self.root,
+            env=self.environ({}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        found = done.stdout.strip()
+        if done.returncode or not Path(found).resolve().is_relative_to(self.root.resolve()):
+            raise RuntimeError(
+                f"{self.name}: claude_proxy imports from {found or done.stderr.strip()!r}, "
+                f"not from {self.root}"
+            )
+
+
+def describe(root: Path) -> str:
+    try:
+        return git("describe", "--always", "--dirty=+dirty", "--abbrev=10", cwd=root)
+    except RuntimeError:
+        return "not a git checkout"
+
+
+def current_build() -> Build:
+    return Build("claude-proxy", ROOT, describe(ROOT))
+
+
+@contextlib.contextmanager
+def baseline_build(ref: str, work: Path) -> Iterator[Build]:
+    """The baseline's code: ``ref`` checked out for the run (then removed), or a checkout's path."""
+    path = Path(ref).expanduser()
+    if (path / "claude_proxy" / "__init__.py").is_file():
+        yield Build("baseline", path.resolve(), f"{describe(path)} at {path}")
+        return
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except RuntimeError:
+        raise RuntimeError(
+            f"--baseline {ref}: neither a commit nor a checkout with a claude_proxy package"
+        ) from None
+    dest = work / "baseline"
+    git("worktree", "add", "--detach", "--quiet", str(dest), commit)
+    try:
+        yield Build("baseline", dest, f"{ref} = {commit[:10]}")
+    finally:
+        git("worktree", "remove", "--force", str(dest))
+
+
 @dataclass
 class Env:
     work: Path
     smoke: bool
+    current: Build = field(default_factory=current_build)
+    baseline: Build | None = None
+    # A/B pairs per compared row, after the first A run: 1 gives A/B/A
+    rounds: int = 1
     up: int = field(default_factory=free_port)
     up_tls: int = field(default_factory=free_port)
     sse: int = field(default_factory=free_port)
@@ -246,41 +355,49 @@ def start_servers(env: Env) -> None:
         wait_port(port)
 
 
+def base_config(upstream: str, port: int, workers: int) -> dict[str, Any]:
+    """The plain config every build and variant starts from."""
+    return {
+        "upstream_url": upstream,
+        "port": port,
+        "workers": workers,
+        "client_api_key": KEY,
+        "upstream_auth": {"type": "api_key", "api_key": UPSTREAM_KEY},
+        "logging": {"level": "warn"},
+    }
+
+
 @contextlib.contextmanager
 def claude_proxy(
-    env: Env,
-    upstream: str,
-    workers: int = 1,
-    *,
-    metrics: bool = False,
-    access_log: bool = False,
-    admin_port: int = 0,
+    env: Env, upstream: str, workers: int = 1, *, build: Build | None = None, extra: str = ""
 ) -> Iterator[tuple[int, int]]:
-    """A claude-proxy process in front of ``upstream``; yields (port, pid).
+    """A claude-proxy process of ``build`` (this code by default) in front of ``upstream``.
 
-    ``metrics``: with the admin listener (metrics and usage reading) on ``admin_port``;
-    ``access_log``: with an access log file.
+    Yields (port, pid). ``extra``: TOML laid over the plain config (``${work}`` is a directory of
+    this process's own).
     """
+    build = build or env.current
     port = free_port()
-    conf = env.work / f"cp-{port}.toml"
-    logging = (
-        f'[logging]\nlevel = "info"\nlog_path = "{env.work}/logs"\n'
-        if access_log
-        else '[logging]\nlevel = "warn"\n'
-    ) + (f"[admin]\nport = {admin_port}\n" if metrics else "")
-    conf.write_text(
-        f'upstream_url = "{upstream}"\nport = {port}\nworkers = {workers}\n'
-        f'client_api_key = "{KEY}"\n[upstream_auth]\ntype = "api_key"\n'
-        f'api_key = "{UPSTREAM_KEY}"\n{logging}'
-    )
+    work = env.work / f"cp-{port}"
+    work.mkdir()
+    conf = work / "config.toml"
+    conf.write_text(config_text(base_config(upstream, port, workers), extra, work=str(work)))
     conf.chmod(0o600)
     cmd = [PY, "-m", "claude_proxy", "-c", str(conf)]
     if workers == 1:
         cmd = [*pin(RELAY_CORE), *cmd]
-    environ = dict(os.environ, SSL_CERT_FILE=str(env.work / "ca.pem"))
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=subprocess.DEVNULL)
+    environ = build.environ({"SSL_CERT_FILE": str(env.work / "ca.pem")})
+    with (work / "stderr").open("wb") as err:
+        proc = subprocess.Popen(
+            cmd, cwd=build.root, env=environ, stdout=subprocess.DEVNULL, stderr=err
+        )
     try:
-        wait_port(port)
+        try:
+            wait_port(port, proc=proc)
+        except RuntimeError as exc:
+            raise RuntimeError(
+                f"{build.name} ({build.rev}) did not start ({exc}): see above"
+            ) from None
         yield port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -288,6 +405,8 @@ def claude_proxy(
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        with contextlib.suppress(OSError):  # what it said, as when its stderr was the bench's
+            sys.stderr.write((work / "stderr").read_text(errors="replace")[-4000:])
 
 
 WRK_LUA = """
@@ -374,36 +493,82 @@ def sse_run(env: Env, port: int, streams: int, pid: int | None) -> dict[str, flo
     )
     peak = 0
     base = rss_kb(pid) if pid else 0
+    cpu_before = cpu_seconds(pid) if pid else math.nan
     while client.poll() is None:
         if pid:
             peak = max(peak, rss_kb(pid))
         time.sleep(0.25)
     assert client.stdout is not None
-    result = json.loads(client.stdout.read())
+    result: dict[str, float] = json.loads(client.stdout.read())
     if pid:
         result["rss_base_kb"] = base
         result["rss_peak_kb"] = peak
         result["rss_per_stream_kb"] = (peak - base) / streams
+        used = cpu_seconds(pid) - cpu_before
+        result["cpu_us_per_event"] = used / result["events"] * 1e6 if result["events"] else math.nan
     return result
+
+
+def measure(
+    env: Env, port: int, pid: int, conns: int, path: str = "/v1/messages"
+) -> dict[str, Any]:
+    """wrk's small POST against one proxy, with that proxy's CPU time per request from /proc."""
+    secs = 1.0 if env.smoke else 4.0
+    before = cpu_seconds(pid)
+    result: dict[str, Any] = wrk(env, f"http://127.0.0.1:{port}{path}", conns, secs)
+    used = cpu_seconds(pid) - before
+    rps = result["rps"]
+    result["cpu_us"] = used / (rps * secs) * 1e6 if rps else math.nan
+    return result
+
+
+SMALL_METRICS = (
+    Metric("req/s", "rps", "req/s", relative=True),
+    Metric("CPU per request", "cpu_us", "µs"),
+)
+
+
+def sse_metrics(direct: dict[str, Any]) -> tuple[Metric, ...]:
+    return (
+        Metric("added p50", "p50_ms", "ms", minus=direct["p50_ms"]),
+        Metric("added p99", "p99_ms", "ms", minus=direct["p99_ms"]),
+        Metric("RSS per stream", "rss_per_stream_kb", "KB"),
+        Metric("CPU per event", "cpu_us_per_event", "µs"),
+    )
 
 
 def run(env: Env) -> dict[str, Any]:
     smoke = env.smoke
     secs = 1.0 if smoke else 4.0
     results: dict[str, Any] = {"small": {}, "small_tls": {}, "large": {}, "sse": {}, "workers": {}}
+    table: list[Comparison] = []
     direct = f"http://127.0.0.1:{env.up}"
-    with claude_proxy(env, direct) as (cp, cp_pid):
-        targets = {"direct": env.up, "nginx": env.ngx, "claude-proxy": cp}
+    with contextlib.ExitStack() as stack:
+        cp, cp_pid = stack.enter_context(claude_proxy(env, direct))
+        old = None
+        if env.baseline:
+            old = stack.enter_context(claude_proxy(env, direct, build=env.baseline))
+        targets = {"direct": env.up, "nginx": env.ngx}
         for conns in [1, 16] if smoke else [1, 16, 64, 256]:
-            row = {
+            row: dict[str, Any] = {
                 name: wrk(env, f"http://127.0.0.1:{port}/v1/messages", conns, secs)
                 for name, port in targets.items()
             }
+            this = functools.partial(measure, env, cp, cp_pid, conns)
+            if old and (smoke or conns in BASELINE_CONNS):
+                a, b = alternate(this, functools.partial(measure, env, *old, conns), env.rounds)
+                row["claude-proxy"], row["baseline"] = mean_run(a), mean_run(b)
+                row["claude-proxy"]["each"], row["baseline"]["each"] = a, b
+                table += compare(f"small POST c={conns}", SMALL_METRICS, a, b)
+            else:
+                row["claude-proxy"] = this()
             results["small"][str(conns)] = row
             report_row(f"small POST c={conns}", row)
+        targets["claude-proxy"] = cp
         results["large"]["download"] = large(env, targets, "GET", "/large", "none")
         results["memory_after_load_kb"] = rss_kb(cp_pid)
-    results["observed"] = observe(env)
+    results["features"] = features(env)
+    results["usage"] = usage_reading(env)
     with claude_proxy(env, f"https://127.0.0.1:{env.up_tls}") as (cp, _):
         targets = {"direct": env.up_tls, "nginx": env.ngx_tls, "claude-proxy": cp}
         row = {}
@@ -413,18 +578,25 @@ def run(env: Env) -> dict[str, Any]:
         results["small_tls"]["64"] = row
         report_row("small POST, TLS upstream, c=64", row)
     streams = 100 if smoke else 2000
-    with claude_proxy(env, f"http://127.0.0.1:{env.sse}") as (cp, cp_pid):
+    sse_upstream = f"http://127.0.0.1:{env.sse}"
+    with claude_proxy(env, sse_upstream) as (cp, cp_pid):
         # nginx cannot consume a request body without a module; the Python upstream reads it
         targets = {"direct": env.sse, "nginx": env.ngx_sse, "claude-proxy": cp}
         results["large"]["upload"] = large(env, targets, "POST", "/upload", "large")
         results["memory_after_upload_kb"] = rss_kb(cp_pid)
-        row = {
-            "direct": sse_run(env, env.sse, streams, None),
-            "nginx": sse_run(env, env.ngx_sse, streams, nginx_worker_pid(env)),
-            "claude-proxy": sse_run(env, cp, streams, cp_pid),
-        }
-    with claude_proxy(env, f"http://127.0.0.1:{env.sse}", metrics=True) as (cp, cp_pid):
-        row["+ metrics, usage"] = sse_run(env, cp, streams, cp_pid)
+    row = {
+        "direct": sse_run(env, env.sse, streams, None),
+        "nginx": sse_run(env, env.ngx_sse, streams, nginx_worker_pid(env)),
+    }
+    this = functools.partial(sse_fresh, env, streams, env.current)
+    if env.baseline:
+        before = functools.partial(sse_fresh, env, streams, env.baseline)
+        a, b = alternate(this, before, env.rounds)
+        row["claude-proxy"], row["baseline"] = mean_run(a), mean_run(b)
+        table += compare(f"SSE {streams} streams", sse_metrics(row["direct"]), a, b)
+    else:
+        row["claude-proxy"] = this()
+    row["+ metrics, usage"] = sse_fresh(env, streams, env.current, "[admin]\nport = 0\n")
     results["sse"][str(streams)] = row
     report_sse(streams, row)
     for workers in (1, 2):
@@ -433,97 +605,118 @@ def run(env: Env) -> dict[str, Any]:
                 env, f"http://127.0.0.1:{cp}/v1/messages", 64, secs
             )
     report_workers(results["workers"])
+    if env.baseline:
+        results["comparison"] = [c.as_dict() for c in table]
+        print(
+            f"\nthis code against the baseline, A/B/A ({env.rounds + 1} runs of this code, "
+            f"{env.rounds} of the baseline per row; CPU from /proc):\n"
+            + markdown_table(table, env.current.rev, env.baseline.rev),
+            flush=True,
+        )
     return results
 
 
-def observe(env: Env) -> dict[str, dict[str, float]]:
-    """What metrics, usage reading and an access log cost, each on top of the one before.
+def sse_fresh(env: Env, streams: int, build: Build, extra: str = "") -> dict[str, float]:
+    """One SSE run through a new process of ``build``, so that each run's RSS starts alike."""
+    with claude_proxy(env, f"http://127.0.0.1:{env.sse}", build=build, extra=extra) as (cp, pid):
+        return sse_run(env, cp, streams, pid)
 
-    Three processes run side by side (only the one under load uses the relay's core) and are
-    measured in alternating rounds, so that drift between runs does not pass for a cost. Usage
-    reading is measured against the same reply served as text/plain, which is not read, in the
-    same process: unread, read, unread again in each round, so that the second unread run shows
-    the noise and, averaged with the first, cancels a drift. The relay's CPU time per request is
-    the steadier figure.
+
+def features(env: Env) -> dict[str, Any]:
+    """What each ``FEATURES`` variant costs against the plain config, under the same load.
+
+    The plain config and every variant run side by side in processes of their own (only the
+    one under load uses the relay's core). In each round, every variant's run sits between two
+    runs of the plain config and is compared with their mean, so that a drift does not pass for
+    a cost. The relay's CPU time per request is the steadier figure.
     """
     conns = 16 if env.smoke else 64
-    secs = 1.0 if env.smoke else 4.0
     upstream = f"http://127.0.0.1:{env.up}"
     with contextlib.ExitStack() as stack:
         plain = stack.enter_context(claude_proxy(env, upstream))
-        admin = free_port()
-        metrics = stack.enter_context(claude_proxy(env, upstream, metrics=True, admin_port=admin))
-        logged = stack.enter_context(claude_proxy(env, upstream, metrics=True, access_log=True))
-        cases = {
-            "claude-proxy": (plain, "/v1/messages"),
-            "metrics": (metrics, UNREAD_PATH),
-            "usage": (metrics, "/v1/messages"),
-            "metrics_again": (metrics, UNREAD_PATH),  # an A/A pair: the noise of the A/B
-            "access_log": (logged, "/v1/messages"),
+        variants = {
+            name: stack.enter_context(claude_proxy(env, upstream, extra=toml))
+            for name, toml in FEATURES
         }
-        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
+        plain_runs: list[dict[str, Any]] = []
+        costs: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for _ in range(1 if env.smoke else 3):
-            for name, ((port, pid), path) in cases.items():
-                before = cpu_seconds(pid)
-                rps = wrk(env, f"http://127.0.0.1:{port}{path}", conns, secs)["rps"]
-                used = cpu_seconds(pid) - before
-                runs[name].append((rps, used / (rps * secs) * 1e6 if rps else float("nan")))
+            before = measure(env, *plain, conns)
+            plain_runs.append(before)
+            for name, proc in variants.items():
+                result = measure(env, *proc, conns)
+                after = measure(env, *plain, conns)
+                plain_runs.append(after)
+                costs[name].append(feature_cost(result, before, after))
+                before = after
+    base = mean_run(plain_runs)
+    rps = [r["rps"] for r in plain_runs]
+    print(
+        f"{f'feature cost c={conns}: plain config':<34} {base['rps']:>9.0f} req/s  CPU"
+        f" {base['cpu_us']:5.1f} us/request  (its runs {min(rps):.0f}-{max(rps):.0f} req/s)",
+        flush=True,
+    )
+    rows: dict[str, Any] = {"plain": base | {"each": plain_runs}}
+    for name, each in costs.items():
+        row = mean_run(each)
+        print(
+            f"{'  + ' + name:<34} {row['rps']:>9.0f} req/s  CPU {row['cpu_us']:5.1f} us/request"
+            f"  {row['cpu_us_added']:+.1f} us CPU per request, {row['rps_change']:+.1%} req/s"
+            "  (by round " + ", ".join(f"{c['cpu_us_added']:+.1f}" for c in each) + " us)",
+            flush=True,
+        )
+        rows[name] = row | {"each": each}
+    return rows
+
+
+def usage_reading(env: Env) -> dict[str, dict[str, float]]:
+    """What reading token usage from replies costs, with metrics on.
+
+    Measured in one metrics process against the same reply served as text/plain, which the
+    usage reader leaves alone: unread, read, unread again in each round, so that the second
+    unread run shows the noise and, averaged with the first, cancels a drift.
+    """
+    conns = 16 if env.smoke else 64
+    upstream = f"http://127.0.0.1:{env.up}"
+    admin = free_port()
+    cases = {"unread": UNREAD_PATH, "read": "/v1/messages", "unread_again": UNREAD_PATH}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in cases}
+    with claude_proxy(env, upstream, extra=f"[admin]\nport = {admin}\n") as (port, pid):
+        for _ in range(1 if env.smoke else 3):
+            for name, path in cases.items():
+                runs[name].append(measure(env, port, pid, conns, path))
         tokens = tokens_counted(admin)
-    rows = {
-        name: {
-            "rps": sum(rps for rps, _ in r) / len(r),
-            "cpu_us": sum(cpu for _, cpu in r) / len(r),
-            "runs": len(r),
-        }
-        for name, r in runs.items()
-    }
-    labels = {
-        "claude-proxy": f"observability c={conns}: claude-proxy",
-        "metrics": "+ metrics (reply not read)",
-        "usage": "+ usage reading",
-        "access_log": "+ access log file",
-    }
-    # the unread case is the mean of its two runs in each round
-    unread = {k: (rows["metrics"][k] + rows["metrics_again"][k]) / 2 for k in ("rps", "cpu_us")}
-    rows["metrics"] |= unread
-    before: dict[str, float] = {}
-    for name, label in labels.items():
-        row = rows[name]
-        line = f"{label:<34} {row['rps']:>9.0f} req/s  CPU {row['cpu_us']:5.1f} us/request"
-        if before:
-            line += (
-                f"  ({row['rps'] / before['rps'] - 1:+.1%} throughput,"
-                f" {row['cpu_us'] - before['cpu_us']:+.1f} us CPU per request)"
-            )
-        print(line, flush=True)
-        before = row
+    rows = {name: mean_run(r) for name, r in runs.items()}
 
     def differences(a: str, b: str) -> list[float]:
         """CPU per request of ``a`` minus ``b``, round by round (same process)."""
-        return [x[1] - y[1] for x, y in zip(runs[a], runs[b], strict=True)]
+        return [x["cpu_us"] - y["cpu_us"] for x, y in zip(runs[a], runs[b], strict=True)]
 
     # A, B, A again in each round: B against the mean of the two A's cancels a steady drift
-    noise_pairs = differences("metrics_again", "metrics")
+    noise_pairs = differences("unread_again", "unread")
     usage_pairs = [
-        d - n / 2 for d, n in zip(differences("usage", "metrics"), noise_pairs, strict=True)
+        d - n / 2 for d, n in zip(differences("read", "unread"), noise_pairs, strict=True)
     ]
+    added = sum(usage_pairs) / len(usage_pairs)
     print(
-        f"{'  usage reading, round by round':<34} "
+        f"{f'usage reading c={conns} (metrics on)':<34} {rows['read']['rps']:>9.0f} req/s  CPU"
+        f" {rows['read']['cpu_us']:5.1f} us/request  {added:+.1f} us CPU per request; by round "
         + ", ".join(f"{d:+.1f}" for d in usage_pairs)
-        + " us CPU per request; the unread case measured twice: "
+        + " us; the unread case measured twice: "
         + ", ".join(f"{d:+.1f}" for d in noise_pairs),
         flush=True,
     )
-    rows["usage"]["cpu_us_added"] = sum(usage_pairs) / len(usage_pairs)
-    rows["usage"]["cpu_us_min"] = min(usage_pairs)
-    rows["usage"]["cpu_us_max"] = max(usage_pairs)
-    rows["metrics_again"]["cpu_us_min"] = min(noise_pairs)
-    rows["metrics_again"]["cpu_us_max"] = max(noise_pairs)
     # the A/B means nothing unless the reader did read: the bench reply has 46 tokens
     print(f"{'  (tokens counted by usage reading)':<34} {tokens:>9.0f}", flush=True)
     if not tokens:
         print("usage reading counted no tokens: the usage row measured nothing", file=sys.stderr)
-    rows["usage"]["tokens_counted"] = tokens
+    rows["read"] |= {
+        "cpu_us_added": added,
+        "cpu_us_min": min(usage_pairs),
+        "cpu_us_max": max(usage_pairs),
+        "tokens_counted": tokens,
+    }
+    rows["unread_again"] |= {"cpu_us_min": min(noise_pairs), "cpu_us_max": max(noise_pairs)}
     return rows
 
 
@@ -567,7 +760,13 @@ def report_row(label: str, row: dict[str, dict[str, float]], key: str = "rps") -
         print(
             f"{label:<34} {c[key]:>9.0f} req/s  nginx {n[key]:>9.0f}  direct {d[key]:>9.0f}"
             f"  x nginx {ratio:4.2f}  p50 +{added:.3f} ms (nginx +{n['p50_ms'] - d['p50_ms']:.3f})"
-            f"  p99 {c['p99_ms']:.2f}/{n['p99_ms']:.2f} ms",
+            f"  p99 {c['p99_ms']:.2f}/{n['p99_ms']:.2f} ms"
+            + (f"  CPU {c['cpu_us']:.1f} us/request" if "cpu_us" in c else "")
+            + (
+                f"  | baseline {b['rps']:>9.0f} req/s  CPU {b['cpu_us']:.1f} us/request"
+                if (b := row.get("baseline"))
+                else ""
+            ),
             flush=True,
         )
     else:
@@ -580,13 +779,16 @@ def report_row(label: str, row: dict[str, dict[str, float]], key: str = "rps") -
 
 def report_sse(streams: int, row: dict[str, dict[str, float]]) -> None:
     d = row["direct"]
-    for name in ("nginx", "claude-proxy", "+ metrics, usage"):
+    for name in ("nginx", "claude-proxy", "baseline", "+ metrics, usage"):
+        if name not in row:
+            continue
         r = row[name]
         print(
             f"SSE {streams} streams, {name:<16} added p50 {r['p50_ms'] - d['p50_ms']:6.2f} ms"
             f"  p99 {r['p99_ms'] - d['p99_ms']:6.2f} ms  max {r['max_ms']:7.1f} ms"
-            f"  completed {r['completed']}/{streams}"
-            f"  RSS/stream {r.get('rss_per_stream_kb', float('nan')):5.1f} KB",
+            f"  completed {r['completed']:.0f}/{streams}"
+            f"  RSS/stream {r.get('rss_per_stream_kb', float('nan')):5.1f} KB"
+            f"  CPU/event {r.get('cpu_us_per_event', float('nan')):5.1f} us",
             flush=True,
         )
     print(
@@ -628,7 +830,23 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="a short run: it must finish")
+    parser.add_argument(
+        "--baseline",
+        metavar="REF",
+        help="also run the claude_proxy of REF (a commit such as origin/main~3, checked out for"
+        " the run, or the path of a checkout) and compare it row by row with this code",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="baseline runs per compared row, each between two runs of this code (default 1:"
+        " A/B/A)",
+    )
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds: expected 1 or more")
     for tool in ("nginx", "wrk"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"bench needs {tool}: apt-get install nginx-light wrk", file=sys.stderr)
@@ -640,13 +858,32 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="claude-proxy-bench-") as tmp:
-        env = Env(Path(tmp), args.smoke)
+    with (
+        tempfile.TemporaryDirectory(prefix="claude-proxy-bench-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        env = Env(Path(tmp), args.smoke, rounds=args.rounds)
+        try:
+            if args.baseline:
+                env.baseline = stack.enter_context(baseline_build(args.baseline, env.work))
+            for name, toml in FEATURES:  # a typo in a feature row stops the run before any load
+                try:
+                    config_text(base_config("http://127.0.0.1:1", 1, 1), toml, work=tmp)
+                except ValueError as exc:
+                    raise ValueError(f"FEATURES row {name!r}: {exc}") from None
+            builds = [env.current, *filter(None, [env.baseline])]
+            for build in builds:
+                build.check()
+                print(f"{build.name}: {build.rev} ({build.root})", flush=True)
+        except (RuntimeError, ValueError) as exc:
+            print(f"bench: {exc}", file=sys.stderr)
+            return 2
         try:
             start_servers(env)
             results = run(env)
         finally:
             env.stop_all()
+    results["builds"] = {b.name: b.rev for b in builds}
     results["machine"] = info
     results["seconds"] = round(time.monotonic() - started, 1)
     out = ROOT / "bench" / "results"
