@@ -167,7 +167,7 @@ class TokenAuth(UpstreamAuth):
             return None  # a token is on its way: wait for it
         if self._last_error is not None:
             self._set_state("unavailable", f"the token expired; {self._last_error}")
-            raise CredentialUnavailable(self._unavailable_message())
+            raise self._unavailable()
         self._kick()
         return None
 
@@ -180,7 +180,7 @@ class TokenAuth(UpstreamAuth):
             await asyncio.shield(self._inflight)
         if self._header is not None and self._usable(self._token):
             return self._header  # possibly the rejected one, when no other could be had
-        raise CredentialUnavailable(self._unavailable_message())
+        raise self._unavailable()
 
     def rejected(self, credential: UpstreamCredential) -> None:
         """One successor per rejected token: a 401 for a token already replaced, or already
@@ -366,6 +366,11 @@ class TokenAuth(UpstreamAuth):
         if self._state in ("rejected", "refused"):
             self._set_state("ok", f"no 401 for the current token in {after:g} s")
 
+    def _unavailable(self) -> CredentialUnavailable:
+        """The 503 for requests; clients are told not to retry when a person must act."""
+        reason = self._last_error or ""
+        return CredentialUnavailable(self._unavailable_message(), needs_person=needs_person(reason))
+
     def _unavailable_message(self) -> str:
         reason = self._last_error or "no token yet"
         return f"The proxy's upstream credential ({self.description}) is unavailable: {reason}."
@@ -449,6 +454,36 @@ def describe_credential_error(exc: BaseException) -> str:
     name = type(exc).__name__
     first = text.split(" Content: ")[0].split(". ")[0][:200] if text else name
     return f"{name}: {first}"
+
+
+# Failures that retrying cannot fix: a person must log in, install az, fix the tenant, the
+# app registration, the secret or certificate, or grant a role. Matched against the reason
+# describe_credential_error gives (Entra's AADSTS codes included).
+_NEEDS_PERSON = (
+    "az login",
+    "not installed or not on path",
+    "aadsts50020",  # user account from another tenant
+    "aadsts50034",  # user account does not exist in that tenant
+    "aadsts50076",  # MFA required
+    "aadsts53003",  # blocked by conditional access
+    "aadsts700016",  # application not found in the tenant
+    "aadsts7000215",  # invalid client secret
+    "aadsts7000222",  # client secret expired
+    "aadsts700027",  # certificate assertion invalid
+    "aadsts90002",  # tenant not found
+    "aadsts900023",  # tenant id malformed
+    "aadsts500011",  # resource (scope) not found in the tenant
+    "aadsts65001",  # consent not granted
+    "invalid_client",
+    "unauthorized_client",
+    "invalid_scope",
+)
+
+
+def needs_person(reason: str) -> bool:
+    """Whether a credential failure needs a person rather than time."""
+    lowered = reason.lower()
+    return any(marker in lowered for marker in _NEEDS_PERSON)
 
 
 def make_auth(config: UpstreamAuthConfig, **tuning: Any) -> UpstreamAuth:

@@ -250,6 +250,8 @@ def test_outage_serves_old_token_then_503_then_recovers(
     wait_until(lambda: call(p.port).status == 503, timeout=5)  # expired now
     resp = call(p.port)
     assert resp.status == 503
+    # it passes: clients are told to come back, after a while
+    assert resp.header("x-should-retry") == b"true" and resp.header("retry-after") == b"5"
     message = resp.json()["error"]["message"]
     assert "upstream credential (azure_ad) is unavailable" in message
     assert SECRET not in message and "Traceback" not in message
@@ -279,10 +281,8 @@ def test_token_source_broken_at_start(entra, entra_proxy, mode: str) -> None:
     p = entra_proxy(
         dataclasses.replace(client_secret(https_port), token_timeout=0.5), backoff_max=0.3
     )
-    started = time.monotonic()
-    resp = call(p.port)
+    resp = call(p.port)  # answered, not held: the per-test timeout would catch a hang
     assert resp.status == 503
-    assert time.monotonic() - started < 3
     fake.mode = "ok"
     wait_until(lambda: call(p.port).status == 200, timeout=5)
 
@@ -348,9 +348,7 @@ def test_check_azure_cli_failures(fake_az, tmp_path, capsys, monkeypatch, mode, 
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("FAKE_AZ_MODE", mode)
     path = write_config(tmp_path, 'type = "azure_cli"\ntoken_timeout = 1')
-    started = time.monotonic()
     assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
-    assert time.monotonic() - started < 5
     out = capsys.readouterr().out
     assert message in out, out
     assert "Traceback" not in out
@@ -375,3 +373,36 @@ def test_check_token_endpoint_unreachable(tmp_path, capsys) -> None:
     out = capsys.readouterr().out
     assert "token:        FAILED:" in out and "result:       NOT USABLE" in out
     assert SECRET not in out and "Traceback" not in out
+
+
+# azure-identity kills a hung az without reaping it; the warnings that leaves are its own.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+@pytest.mark.parametrize("mode", ["notloggedin", "wrongtenant", "missing"])
+def test_credential_a_person_must_fix_tells_clients_not_to_retry(
+    fake_az, entra_proxy, tmp_path, monkeypatch, mode: str
+) -> None:
+    if mode == "missing":
+        monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("FAKE_AZ_MODE", mode)
+    p = entra_proxy(UpstreamAuthConfig(type="azure_cli", token_timeout=2), backoff_max=0.3)
+    resp = call(p.port)
+    assert resp.status == 503
+    assert resp.header("x-should-retry") == b"false"
+    assert resp.header("retry-after") is None
+    gc.collect()
+
+
+def test_cold_start_chunked_request_with_trailers_is_relayed(entra, entra_proxy, upstream) -> None:
+    fake, https_port, _ = entra
+    fake.delay = 0.3  # the request arrives while the first token is on its way
+    p = entra_proxy(client_secret(https_port))
+    raw = (
+        b"POST /anthropic/v1/messages HTTP/1.1\r\nHost: p\r\nx-api-key: "
+        + CLIENT_KEY.encode()
+        + b"\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-t: 1\r\n\r\n"
+    )
+    resp = exchange(p.port, raw, timeout=15)
+    assert resp.status == 200
+    assert upstream.requests[0].body == b"{}"
+    assert upstream.raw.endswith(b"0\r\nx-t: 1\r\n\r\n")
