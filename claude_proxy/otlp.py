@@ -144,7 +144,11 @@ def short_reason(line: str | None) -> str:
     if not line:
         return "no reason given"
     match = _TRANSIENT.match(line)
-    return match.group(1) if match else line
+    if match:
+        return match.group(1)
+    if "due to timeout, max retries or shutdown" in line:
+        return "no answer within the export timeout (OTEL_EXPORTER_OTLP_TIMEOUT, 10 s by default)"
+    return line
 
 
 class WatchedSpans(SpanExporter):

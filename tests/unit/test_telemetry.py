@@ -350,6 +350,9 @@ def test_short_reason() -> None:
         "Failed to export spans batch code: 400"
     )
     assert short_reason(None) == "no reason given"
+    assert short_reason(
+        "Failed to export spans batch due to timeout, max retries or shutdown."
+    ).startswith("no answer within the export timeout")
 
 
 def test_health_logs_state_changes_only(caplog: pytest.LogCaptureFixture) -> None:
