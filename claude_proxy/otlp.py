@@ -1,11 +1,15 @@
-"""The OpenTelemetry SDK behind :mod:`claude_proxy.telemetry`: providers, OTLP/HTTP exporters
-and the health of the export. Imported only when telemetry is on.
+"""The OpenTelemetry SDK behind :mod:`claude_proxy.telemetry`: the tracer provider, the OTLP/HTTP
+exporters and the health of the export. Imported only when telemetry is on.
 
-Spans go through a ``BatchSpanProcessor`` and metrics through a
-``PeriodicExportingMetricReader``: the request path appends to a queue, the SDK's threads
-encode and post. The OTLP exporters log every failed export (and every retry); here their
-lines are kept as the reason and one line is logged per change of state instead: when a
-signal's export starts failing, and when it works again.
+Spans go through a ``BatchSpanProcessor``: the loop appends each finished span to a queue and
+the SDK's thread encodes and posts it. The GenAI histograms are counted in plain numbers
+(:class:`~claude_proxy.telemetry.Histograms`, far cheaper than the SDK's instruments) and
+posted by :class:`MetricsExport`'s thread every ``OTEL_METRIC_EXPORT_INTERVAL``, in the SDK's
+data model, through the official OTLP metric exporter.
+
+The OTLP exporters log every failed export and every retry; here their lines are kept as the
+reason and one line is logged per change of state instead: when a signal's export starts
+failing, and when it works again.
 """
 
 from __future__ import annotations
@@ -16,22 +20,26 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, Final
+from typing import Final
 
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
-    MetricExporter,
+    AggregationTemporality,
+    Histogram,
+    HistogramDataPoint,
+    Metric,
     MetricExportResult,
     MetricsData,
-    PeriodicExportingMetricReader,
+    ResourceMetrics,
+    ScopeMetrics,
 )
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.id_generator import IdGenerator, RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
     SpanContext,
@@ -45,13 +53,13 @@ from opentelemetry.trace import (
 from . import __version__
 from .telemetry import (
     DURATION_BUCKETS,
-    ERROR_TYPE,
     FIRST_BYTE_EVENT,
     OPERATION_DURATION,
     TOKEN_BUCKETS,
-    TOKEN_TYPE,
     TOKEN_USAGE,
     Attributes,
+    Histograms,
+    series_attributes,
 )
 
 logger = logging.getLogger("claude_proxy.telemetry")
@@ -176,32 +184,95 @@ class WatchedSpans(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
-class WatchedMetrics(MetricExporter):
-    """The OTLP metric exporter, reporting each export's result to :class:`ExportHealth`."""
+# What the conventions say of each metric: unit, description, bucket boundaries.
+METRICS: Final = {
+    TOKEN_USAGE: ("{token}", "Number of input and output tokens used", TOKEN_BUCKETS),
+    OPERATION_DURATION: ("s", "GenAI operation duration", DURATION_BUCKETS),
+}
 
-    def __init__(self, inner: OTLPMetricExporter, health: ExportHealth) -> None:
-        super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
-        )
-        self.inner = inner
+
+class MetricsExport:
+    """Exports :class:`~claude_proxy.telemetry.Histograms` every ``interval`` seconds from a
+    thread of its own, through the official OTLP metric exporter."""
+
+    def __init__(
+        self,
+        exporter: OTLPMetricExporter,
+        histograms: Histograms,
+        health: ExportHealth,
+        *,
+        resource: Resource,
+        server: tuple[str, int],
+        delta: bool,
+        interval: float,
+    ) -> None:
+        self.exporter = exporter
+        self.histograms = histograms
         self.health = health
+        self.resource = resource
+        self.server = server
+        self.delta = delta
+        self.interval = interval
+        self.scope = InstrumentationScope(SCOPE, __version__)
+        self._lock = threading.Lock()  # one export at a time: the periodic one or a flush
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="claude-proxy-otlp-metrics")
+        self._thread.daemon = True  # never holds up an exit; shutdown exports what is left
+        self._thread.start()
 
-    def export(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        try:
-            result = self.inner.export(metrics_data, timeout_millis, **kwargs)
-        except Exception:
-            result = MetricExportResult.FAILURE
-        self.health.report("metrics", result is MetricExportResult.SUCCESS)
-        return result
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.export()
 
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self.inner.force_flush(timeout_millis)
+    def data(self, now_ns: int) -> MetricsData | None:
+        """What the histograms hold now, as the SDK's data model (which the exporter encodes)."""
+        temporality = (
+            AggregationTemporality.DELTA if self.delta else AggregationTemporality.CUMULATIVE
+        )
+        metrics = []
+        for name, table in self.histograms.collect(now_ns, delta=self.delta).items():
+            unit, description, bounds = METRICS[name]
+            points = [
+                HistogramDataPoint(
+                    attributes=series_attributes(name, key, self.server),
+                    start_time_unix_nano=series.start_ns,
+                    time_unix_nano=now_ns,
+                    count=series.count,
+                    sum=series.sum,
+                    bucket_counts=series.buckets,
+                    explicit_bounds=bounds,
+                    min=series.min,
+                    max=series.max,
+                )
+                for key, series in table.items()
+                if series.count
+            ]
+            if points:
+                data = Histogram(data_points=points, aggregation_temporality=temporality)
+                metrics.append(Metric(name, description, unit, data))
+        if not metrics:
+            return None
+        scope = ScopeMetrics(scope=self.scope, metrics=metrics, schema_url="")
+        return MetricsData([ResourceMetrics(self.resource, [scope], self.resource.schema_url)])
 
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self.inner.shutdown(timeout_millis, **kwargs)
+    def export(self) -> bool:
+        with self._lock:
+            data = self.data(time.time_ns())
+            if data is None:
+                return True
+            try:
+                result = self.exporter.export(data)
+            except Exception:  # as for spans: a state change, not a traceback per export
+                result = MetricExportResult.FAILURE
+            ok = result is MetricExportResult.SUCCESS
+            self.health.report("metrics", ok)
+            return ok
+
+    def shutdown(self, timeout: float) -> None:
+        self._stop.set()
+        if "metrics" not in self.health.failing:
+            run_bounded(self.export, timeout)
+        self.exporter.shutdown()
 
 
 class ChosenIds(IdGenerator):
@@ -249,7 +320,7 @@ def run_bounded(fn: Callable[[], object], timeout: float) -> bool:
 
 
 class Pipeline:
-    """Tracer and meter providers exporting over OTLP/HTTP, with this process's resource."""
+    """A tracer provider and the metrics' export, over OTLP/HTTP, with this process's resource."""
 
     def __init__(
         self,
@@ -257,6 +328,10 @@ class Pipeline:
         traces_endpoint: str,
         metrics_endpoint: str,
         sample_ratio: float,
+        histograms: Histograms,
+        server: tuple[str, int],
+        delta: bool,
+        interval: float,
         worker: int | None = None,
     ) -> None:
         self.health = ExportHealth({"spans": traces_endpoint, "metrics": metrics_endpoint})
@@ -276,25 +351,14 @@ class Pipeline:
         )
         self.traces.add_span_processor(self.processor)
         self.tracer = self.traces.get_tracer(SCOPE, __version__)
-        self.metric_exporter = OTLPMetricExporter(endpoint=metrics_endpoint)
-        self.reader = PeriodicExportingMetricReader(
-            WatchedMetrics(self.metric_exporter, self.health)
-        )
-        self.meters = MeterProvider(
-            metric_readers=[self.reader], resource=resource, shutdown_on_exit=False
-        )
-        meter = self.meters.get_meter(SCOPE, __version__)
-        self.token_usage = meter.create_histogram(
-            TOKEN_USAGE,
-            unit="{token}",
-            description="Number of input and output tokens used",
-            explicit_bucket_boundaries_advisory=TOKEN_BUCKETS,
-        )
-        self.duration = meter.create_histogram(
-            OPERATION_DURATION,
-            unit="s",
-            description="GenAI operation duration",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        self.metrics = MetricsExport(
+            OTLPMetricExporter(endpoint=metrics_endpoint),
+            histograms,
+            self.health,
+            resource=resource,
+            server=server,
+            delta=delta,
+            interval=interval,
         )
 
     def span(
@@ -330,27 +394,10 @@ class Pipeline:
             span.set_status(Status(StatusCode.ERROR))
         span.end(end_time=end_ns)
 
-    def measure(
-        self,
-        attributes: Attributes,
-        duration: float,
-        error: str | None,
-        input_tokens: int | None,
-        output_tokens: int | None,
-    ) -> None:
-        """The GenAI client metrics of one operation."""
-        if input_tokens is not None:
-            self.token_usage.record(input_tokens, {**attributes, TOKEN_TYPE: "input"})
-        if output_tokens is not None:
-            self.token_usage.record(output_tokens, {**attributes, TOKEN_TYPE: "output"})
-        if error is not None:
-            attributes = {**attributes, ERROR_TYPE: error}
-        self.duration.record(duration, attributes)
-
     def force_flush(self, timeout: float) -> bool:
         millis = int(timeout * 1000)
         return run_bounded(
-            lambda: (self.traces.force_flush(millis), self.meters.force_flush(millis)), timeout
+            lambda: (self.traces.force_flush(millis), self.metrics.export()), timeout
         )
 
     def shutdown(self, timeout: float) -> None:
@@ -362,6 +409,6 @@ class Pipeline:
         self.health.closing = True
         self.span_exporter.shutdown()  # cuts a retry short; what is left in the queue is dropped
         run_bounded(self.traces.shutdown, deadline - time.monotonic())
-        millis = max(0.0, (deadline - time.monotonic()) * 1000)
-        run_bounded(lambda: self.meters.shutdown(timeout_millis=millis), millis / 1000)
+        self.health.closing = False  # the metrics' last export is news, if it fails
+        self.metrics.shutdown(deadline - time.monotonic())
         self.health.detach()

@@ -21,6 +21,9 @@ import logging
 import os
 import random
 import re
+import threading
+import time
+from bisect import bisect_left
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
@@ -78,6 +81,8 @@ SIGNAL_ENDPOINT_ENV: Final = {
     "traces": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
     "metrics": "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
 }
+TEMPORALITY_ENV: Final = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
+INTERVAL_ENV: Final = "OTEL_METRIC_EXPORT_INTERVAL"
 _TRACE_ID_LIMIT: Final = (1 << 64) - 1
 
 # --------------------------------------------------------------------------- what a span says
@@ -112,21 +117,6 @@ def error_type(rec: ExchangeRecord) -> str | None:
     if rec.outcome not in NOT_ERRORS:
         return rec.outcome
     return None
-
-
-def metric_attributes(rec: ExchangeRecord, operation: str, server: tuple[str, int]) -> Attributes:
-    """The attributes the GenAI client metrics carry (bounded: no ids, no paths, no keys)."""
-    attributes: Attributes = {
-        OPERATION: operation,
-        PROVIDER: rec.api,
-        SERVER_ADDRESS: server[0],
-        SERVER_PORT: server[1],
-    }
-    if rec.request_model:
-        attributes[REQUEST_MODEL] = rec.request_model
-    if rec.model:
-        attributes[RESPONSE_MODEL] = rec.model
-    return attributes
 
 
 def span_attributes(
@@ -165,6 +155,131 @@ def span_attributes(
     if rec.attempts != 1:
         attributes["claude_proxy.attempts"] = rec.attempts
     return attributes
+
+
+# --------------------------------------------------------------------------- GenAI metrics
+
+# A histogram series: (operation, provider, request model, response model, token type or
+# error.type); the server is the same for every series of a process.
+SeriesKey = tuple[str, str, str | None, str | None, str | None]
+MAX_SERIES: Final = 2000  # per metric, as the SDK's default cardinality limit; then overflow
+OVERFLOW: Final = ("", "", None, None, "otel.metric.overflow")
+
+
+def series_attributes(
+    metric: str, key: SeriesKey, server: tuple[str, int]
+) -> Attributes | dict[str, bool]:
+    """The attributes of one series, as the GenAI conventions give them."""
+    if key == OVERFLOW:
+        return {"otel.metric.overflow": True}
+    operation, provider, request_model, response_model, last = key
+    attributes: Attributes = {
+        OPERATION: operation,
+        PROVIDER: provider,
+        SERVER_ADDRESS: server[0],
+        SERVER_PORT: server[1],
+    }
+    if request_model:
+        attributes[REQUEST_MODEL] = request_model
+    if response_model:
+        attributes[RESPONSE_MODEL] = response_model
+    if last is not None:
+        attributes[TOKEN_TYPE if metric == TOKEN_USAGE else ERROR_TYPE] = last
+    return attributes
+
+
+class Series:
+    """One histogram series in plain numbers: a count per bucket (the last one for +Inf)."""
+
+    __slots__ = ("buckets", "count", "max", "min", "start_ns", "sum")
+
+    def __init__(self, size: int, start_ns: int) -> None:
+        self.buckets = [0] * size
+        self.count = 0
+        self.sum = 0.0
+        self.min = float("inf")
+        self.max = float("-inf")
+        self.start_ns = start_ns
+
+    def add(self, value: float, bounds: tuple[float, ...]) -> None:
+        self.buckets[bisect_left(bounds, value)] += 1  # bucket i: (bounds[i-1], bounds[i]]
+        self.count += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+    def copy(self) -> Series:
+        twin = Series(0, self.start_ns)
+        twin.buckets = list(self.buckets)
+        twin.count, twin.sum, twin.min, twin.max = self.count, self.sum, self.min, self.max
+        return twin
+
+
+class Histograms:
+    """``gen_ai.client.token.usage`` and ``gen_ai.client.operation.duration``, kept here rather
+    than in the SDK's instruments: ``Histogram.record`` cleans and hashes every attribute on
+    every call (about 25 µs each with these attributes, three calls per request), where this is
+    a tuple, a dict lookup and a bisect per value. The export thread takes copies under the
+    lock (:meth:`collect`)."""
+
+    def __init__(self, now_ns: int) -> None:
+        self.series: dict[str, dict[SeriesKey, Series]] = {TOKEN_USAGE: {}, OPERATION_DURATION: {}}
+        self.start_ns = now_ns
+        self._lock = threading.Lock()
+
+    def _add(self, metric: str, key: SeriesKey, value: float, bounds: tuple[float, ...]) -> None:
+        table = self.series[metric]
+        series = table.get(key)
+        if series is None:
+            if len(table) >= MAX_SERIES - 1:
+                key = OVERFLOW
+            series = table.get(key)
+            if series is None:
+                series = table[key] = Series(len(bounds) + 1, self.start_ns)
+        series.add(value, bounds)
+
+    def observe(self, rec: ExchangeRecord, operation: str, error: str | None) -> None:
+        """One GenAI operation: its duration and, when reported, its tokens."""
+        provider, request_model, model = rec.api, rec.request_model, rec.model
+        key: SeriesKey
+        with self._lock:
+            if rec.input_tokens is not None:
+                key = (operation, provider, request_model, model, "input")
+                self._add(TOKEN_USAGE, key, rec.input_tokens, TOKEN_BUCKETS)
+            if rec.output_tokens is not None:
+                key = (operation, provider, request_model, model, "output")
+                self._add(TOKEN_USAGE, key, rec.output_tokens, TOKEN_BUCKETS)
+            key = (operation, provider, request_model, model, error)
+            self._add(OPERATION_DURATION, key, rec.duration, DURATION_BUCKETS)
+
+    def collect(self, now_ns: int, *, delta: bool) -> dict[str, dict[SeriesKey, Series]]:
+        """Copies of every series; with ``delta``, what came since the last collect (and the
+        series start again from now)."""
+        with self._lock:
+            if not delta:
+                return {m: {k: s.copy() for k, s in t.items()} for m, t in self.series.items()}
+            taken = self.series
+            self.series = {metric: {} for metric in taken}
+            self.start_ns = now_ns
+            return taken
+
+
+def histogram_delta(env: Mapping[str, str]) -> bool:
+    """``OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE``: delta and lowmemory make
+    histograms delta; cumulative (the default) keeps them cumulative."""
+    preference = env.get(TEMPORALITY_ENV, "cumulative").strip().lower()
+    return preference in ("delta", "lowmemory")
+
+
+def export_interval(env: Mapping[str, str]) -> float:
+    """Seconds between metric exports: ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds, 60000)."""
+    try:
+        millis = float(env.get(INTERVAL_ENV, "60000"))
+    except ValueError:
+        millis = 60000.0
+    return millis / 1000 if millis > 0 else 60.0
 
 
 # --------------------------------------------------------------------------- trace context
@@ -275,10 +390,15 @@ class Telemetry:
         self.propagate = config.propagate
         self.traces_endpoint = signal_endpoint(config.otlp_endpoint, "traces", env)
         self.metrics_endpoint = signal_endpoint(config.otlp_endpoint, "metrics", env)
+        self.histograms = Histograms(time.time_ns())
         self._pipeline: Pipeline = otlp.Pipeline(
             traces_endpoint=self.traces_endpoint,
             metrics_endpoint=self.metrics_endpoint,
             sample_ratio=config.sample_ratio,
+            histograms=self.histograms,
+            server=self.server,
+            delta=histogram_delta(env),
+            interval=export_interval(env),
             worker=worker,
         )
         self._sample_bound = self._pipeline.sample_bound
@@ -314,27 +434,36 @@ class Telemetry:
         ``sent_traceparent``: what :meth:`child_traceparent` returned for this exchange.
         """
         operation = operation_of(rec.method, rec.path)
-        attributes = span_attributes(rec, operation, self.server)
         error = error_type(rec)
+        if operation is not None:
+            self.histograms.observe(rec, operation, error)
+        parent = parse_traceparent(rec.traceparent)
+        sent = parse_traceparent(sent_traceparent)
+        if sent is not None:
+            ids, sampled = (sent[0], sent[1]), bool(sent[2] & 1)  # decided at head time
+        elif parent is not None:
+            ids, sampled = None, bool(parent[2] & 1)  # the parent decides (ParentBased)
+        else:
+            # a new trace: its id decides (TraceIdRatioBased), so draw it here and skip the
+            # span's making when it will not be kept; the SDK is given the same id
+            trace_id = random.getrandbits(128) or 1
+            ids, sampled = (trace_id, 0), (trace_id & _TRACE_ID_LIMIT) < self._sample_bound
+        if not sampled:
+            return
+        attributes = span_attributes(rec, operation, self.server)
         if error is not None:
             attributes[ERROR_TYPE] = error
         start = int(rec.start_time * 1e9)
-        sent = parse_traceparent(sent_traceparent)
         self._pipeline.span(
             span_name(operation, rec.request_model or rec.model, rec.method),
-            parent=parse_traceparent(rec.traceparent),
-            ids=(sent[0], sent[1]) if sent is not None else None,
+            parent=parent,
+            ids=ids,
             start_ns=start,
             end_ns=start + int(rec.duration * 1e9),
             first_byte_ns=start + int(rec.ttfb * 1e9) if rec.ttfb is not None else None,
             attributes=attributes,
             error=error,
         )
-        if operation is not None:
-            measured = metric_attributes(rec, operation, self.server)
-            self._pipeline.measure(
-                measured, rec.duration, error, rec.input_tokens, rec.output_tokens
-            )
 
     def force_flush(self, timeout: float = 10.0) -> bool:
         """Export what is buffered now; blocks (call it from a thread, not the loop)."""

@@ -172,16 +172,96 @@ def test_buckets_are_the_advised_ones() -> None:
     assert tm.DURATION_BUCKETS[0] == 0.01 and tm.DURATION_BUCKETS[-1] == pytest.approx(81.92)
 
 
-def test_metric_attributes_are_bounded() -> None:
-    rec = record(request_model="gpt-4o", model="gpt-4o-2024-08-06", api="openai")
-    assert tm.metric_attributes(rec, "chat", SERVER) == {
-        "gen_ai.operation.name": "chat",
-        "gen_ai.provider.name": "openai",
-        "gen_ai.request.model": "gpt-4o",
-        "gen_ai.response.model": "gpt-4o-2024-08-06",
-        "server.address": "res.services.ai.azure.com",
-        "server.port": 443,
-    }
+@pytest.mark.parametrize(
+    ("metric", "key", "expected"),
+    [
+        (
+            tm.TOKEN_USAGE,
+            ("chat", "openai", "gpt-4o", "gpt-4o-2024-08-06", "input"),
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": "gpt-4o",
+                "gen_ai.response.model": "gpt-4o-2024-08-06",
+                "gen_ai.token.type": "input",
+                "server.address": "res.services.ai.azure.com",
+                "server.port": 443,
+            },
+        ),
+        (
+            tm.OPERATION_DURATION,
+            ("chat", "anthropic", None, None, "502"),
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "anthropic",
+                "error.type": "502",
+                "server.address": "res.services.ai.azure.com",
+                "server.port": 443,
+            },
+        ),
+        (tm.OPERATION_DURATION, tm.OVERFLOW, {"otel.metric.overflow": True}),
+    ],
+)
+def test_series_attributes(metric: str, key: tm.SeriesKey, expected: dict[str, Any]) -> None:
+    assert tm.series_attributes(metric, key, SERVER) == expected
+
+
+def test_histograms_count_per_series_and_bucket() -> None:
+    h = tm.Histograms(now_ns=1)
+    h.observe(
+        record(request_model="m", input_tokens=16, output_tokens=17, duration=0.01), "chat", None
+    )
+    h.observe(record(request_model="m", input_tokens=1, duration=100.0), "chat", None)
+    h.observe(record(request_model="m", duration=0.5), "chat", "500")
+    taken = h.collect(now_ns=2, delta=False)
+    usage = taken[tm.TOKEN_USAGE]
+    inputs = usage[("chat", "anthropic", "m", None, "input")]
+    assert (inputs.count, inputs.sum, inputs.min, inputs.max) == (2, 17.0, 1, 16)
+    assert inputs.buckets[0] == 1 and inputs.buckets[2] == 1  # 1 in (..1], 16 in (4, 16]
+    assert usage[("chat", "anthropic", "m", None, "output")].buckets[3] == 1  # (16, 64]
+    ok = taken[tm.OPERATION_DURATION][("chat", "anthropic", "m", None, None)]
+    assert ok.buckets[0] == 1 and ok.buckets[-1] == 1  # 0.01 in the first, 100 s past 81.92
+    assert taken[tm.OPERATION_DURATION][("chat", "anthropic", "m", None, "500")].count == 1
+    again = h.collect(now_ns=3, delta=False)[tm.OPERATION_DURATION]
+    assert sum(s.count for s in again.values()) == 3  # cumulative: nothing is taken away
+
+
+def test_delta_histograms_start_again() -> None:
+    h = tm.Histograms(now_ns=1)
+    h.observe(record(duration=1.0), "chat", None)
+    first = h.collect(now_ns=5, delta=True)[tm.OPERATION_DURATION]
+    assert [s.start_ns for s in first.values()] == [1]
+    assert h.collect(now_ns=6, delta=True)[tm.OPERATION_DURATION] == {}
+    h.observe(record(duration=1.0), "chat", None)
+    assert [
+        s.start_ns for s in h.collect(now_ns=7, delta=True)[tm.OPERATION_DURATION].values()
+    ] == [6]
+
+
+def test_series_past_the_limit_overflow() -> None:
+    h = tm.Histograms(now_ns=1)
+    for i in range(tm.MAX_SERIES + 10):
+        h.observe(record(request_model=f"model-{i}"), "chat", None)
+    table = h.collect(now_ns=2, delta=False)[tm.OPERATION_DURATION]
+    assert len(table) == tm.MAX_SERIES
+    assert table[tm.OVERFLOW].count == 11
+
+
+@pytest.mark.parametrize(
+    ("env", "delta", "interval"),
+    [
+        ({}, False, 60.0),
+        ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "DELTA"}, True, 60.0),
+        ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "lowmemory"}, True, 60.0),
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "15000"}, False, 15.0),
+        ({"OTEL_METRIC_EXPORT_INTERVAL": "soon"}, False, 60.0),
+    ],
+)
+def test_metric_settings_from_the_environment(
+    env: dict[str, str], delta: bool, interval: float
+) -> None:
+    assert tm.histogram_delta(env) is delta
+    assert tm.export_interval(env) == interval
 
 
 TRACE = "0af7651916cd43dd8448eb211c80319c"
