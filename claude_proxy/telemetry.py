@@ -312,6 +312,14 @@ def format_traceparent(trace_id: int, span_id: int, sampled: bool) -> str:
     return f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}"
 
 
+def _trace_id() -> int:
+    return random.getrandbits(128) or 1  # ids need uniqueness, not secrecy (as the SDK's)
+
+
+def _span_id() -> int:
+    return random.getrandbits(64) or 1
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -367,9 +375,8 @@ def from_config(
 class Telemetry:
     """One process's traces and GenAI metrics.
 
-    :meth:`on_record` and :meth:`child_traceparent` are called on the event loop's thread
-    (they share the id generator); export runs in the SDK's own threads and never waits on
-    the loop, nor the loop on it.
+    :meth:`on_record` and :meth:`child_traceparent` are called on the event loop's thread;
+    export runs in background threads and never waits on the loop, nor the loop on it.
     """
 
     def __init__(
@@ -419,11 +426,11 @@ class Telemetry:
         The relay keeps the value and passes it back to :meth:`on_record`, which gives the span
         exactly these ids; the sampled flag is the decision that span will get.
         """
-        span_id = random.getrandbits(64) or 1  # ids need uniqueness, not secrecy
+        span_id = _span_id()
         parent = parse_traceparent(incoming)
         if parent is not None:
             return format_traceparent(parent[0], span_id, bool(parent[2] & 1))
-        trace_id = random.getrandbits(128) or 1
+        trace_id = _trace_id()
         return format_traceparent(
             trace_id, span_id, (trace_id & _TRACE_ID_LIMIT) < self._sample_bound
         )
@@ -439,15 +446,14 @@ class Telemetry:
             self.histograms.observe(rec, operation, error)
         parent = parse_traceparent(rec.traceparent)
         sent = parse_traceparent(sent_traceparent)
-        if sent is not None:
-            ids, sampled = (sent[0], sent[1]), bool(sent[2] & 1)  # decided at head time
-        elif parent is not None:
-            ids, sampled = None, bool(parent[2] & 1)  # the parent decides (ParentBased)
-        else:
-            # a new trace: its id decides (TraceIdRatioBased), so draw it here and skip the
-            # span's making when it will not be kept; the SDK is given the same id
-            trace_id = random.getrandbits(128) or 1
-            ids, sampled = (trace_id, 0), (trace_id & _TRACE_ID_LIMIT) < self._sample_bound
+        # the SDK's ParentBased(TraceIdRatioBased(sample_ratio)), decided before anything is built
+        if sent is not None:  # ids and decision made at head time
+            trace_id, span_id, sampled = sent[0], sent[1], bool(sent[2] & 1)
+        elif parent is not None:  # the parent decides
+            trace_id, span_id, sampled = parent[0], _span_id(), bool(parent[2] & 1)
+        else:  # a new trace: its id decides
+            trace_id, span_id = _trace_id(), _span_id()
+            sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound
         if not sampled:
             return
         attributes = span_attributes(rec, operation, self.server)
@@ -456,8 +462,9 @@ class Telemetry:
         start = int(rec.start_time * 1e9)
         self._pipeline.span(
             span_name(operation, rec.request_model or rec.model, rec.method),
+            trace_id=trace_id,
+            span_id=span_id,
             parent=parent,
-            ids=ids,
             start_ns=start,
             end_ns=start + int(rec.duration * 1e9),
             first_byte_ns=start + int(rec.ttfb * 1e9) if rec.ttfb is not None else None,
