@@ -417,6 +417,15 @@ def test_sdk_disabled_turns_it_off(caplog: pytest.LogCaptureFixture) -> None:
     assert "OTEL_SDK_DISABLED" in caplog.text
 
 
+def test_without_the_extra_the_error_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    config = parse({**BASE, "telemetry": {"otlp_endpoint": "http://collector:4318"}})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=re.escape("pip install 'claude-proxy[otel]'")):
+        tm.from_config(config, env={})
+
+
 # --------------------------------------------------------------------------- export health
 
 
