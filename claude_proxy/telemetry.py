@@ -5,7 +5,7 @@ Then :func:`from_config` returns a :class:`Telemetry`, and the relay hands it ev
 :class:`~claude_proxy.record.ExchangeRecord` in deferred bookkeeping, after the response went
 out: the span is made there, with the exchange's own start and end times, so nothing of it runs
 on the request path. Only :meth:`Telemetry.child_traceparent` runs at head time, and only with
-``propagate = true``. Export happens in the SDK's background threads (:mod:`claude_proxy.otlp`).
+``propagate = true``. Export happens in background threads (:mod:`claude_proxy.otlp`).
 
 This module imports nothing from OpenTelemetry: :mod:`claude_proxy.otlp` is imported when a
 :class:`Telemetry` is made. What a span and a metric say (names, attributes, trace context) is
@@ -387,6 +387,8 @@ class Telemetry:
         worker: int | None = None,
         env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env`` is read for the endpoints, header secrets and metric settings; the OTLP
+        exporters read their own variables (headers, timeout, TLS) from ``os.environ``."""
         from . import otlp  # the SDK, only now
 
         env = os.environ if env is None else env
