@@ -20,7 +20,8 @@ RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin clau
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY claude_proxy ./claude_proxy
-RUN pip install --no-compile . && rm -rf /src
+# [otel]: OTLP export for [telemetry]; unused (and not imported) while it is off
+RUN pip install --no-compile '.[otel]' && rm -rf /src
 COPY deploy/docker/healthcheck.py /usr/local/lib/claude-proxy/healthcheck.py
 # owned by the user it runs as and private to it: no "readable by others" warning at start-up
 COPY --chown=10001:10001 --chmod=0600 deploy/docker/image-config.toml /etc/claude-proxy/config.toml

@@ -39,6 +39,8 @@ Rotation = Literal["hourly", "daily", "never"]
 AccessFormat = Literal["text", "json"]
 Level = Literal["trace", "debug", "info", "warn", "warning", "error"]
 TlsMode = Literal["off", "manual"]
+# The standard variable that names the collector when telemetry.otlp_endpoint is not set.
+OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +97,16 @@ class TlsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """OpenTelemetry over OTLP/HTTP; off while ``otlp_endpoint`` is None."""
+
+    # the collector's base URL (http://collector:4318); /v1/traces and /v1/metrics are appended
+    otlp_endpoint: str | None = None
+    sample_ratio: float = 1.0  # share of new traces kept; a client's traceparent decides its own
+    propagate: bool = False  # send a traceparent naming the proxy's span to the upstream
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     upstream_url: str
     upstream_auth: UpstreamAuthConfig
@@ -115,6 +127,7 @@ class Config:
     logging: LoggingConfig = LoggingConfig()
     admin: AdminConfig = AdminConfig()
     tls: TlsConfig = TlsConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
 
     def client_keys(self) -> tuple[ClientKey, ...]:
         """Every accepted client key: ``client_api_key`` (named ``default``) plus the named ones."""
@@ -395,6 +408,7 @@ def _check(config: Config) -> None:
             )
     _check_keys(config)
     _check_listeners(config)
+    _check_telemetry(config.telemetry)
 
 
 def _check_keys(config: Config) -> None:
@@ -424,6 +438,46 @@ def _check_listeners(config: Config) -> None:
                 raise ConfigError(f"{key}: expected an IP address; got {host!r}") from None
     if config.tls.mode == "manual" and not (config.tls.cert_path and config.tls.key_path):
         raise ConfigError("tls.cert_path and tls.key_path: required when tls.mode = 'manual'")
+
+
+def _check_telemetry(telemetry: TelemetryConfig) -> None:
+    if not 0.0 <= telemetry.sample_ratio <= 1.0:
+        raise ConfigError("telemetry.sample_ratio: expected a number from 0.0 to 1.0")
+    if telemetry.otlp_endpoint is None:
+        return
+    key = f"telemetry.otlp_endpoint (or {OTLP_ENDPOINT_ENV})"
+    url = urlsplit(telemetry.otlp_endpoint)
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            f"{key}: expected http(s)://host[:port], the collector's OTLP/HTTP address "
+            f"(port 4318 by default); got {telemetry.otlp_endpoint!r}"
+        )
+    if url.username is not None or url.password is not None:
+        raise ConfigError(
+            f"{key}: no credentials in the URL; put them in OTEL_EXPORTER_OTLP_HEADERS"
+        )
+    if url.query or url.fragment:
+        raise ConfigError(f"{key}: must not carry a query or fragment")
+    if url.path.rstrip("/").endswith(("/v1/traces", "/v1/metrics", "/v1/logs")):
+        raise ConfigError(
+            f"{key}: give the collector's base URL (http://collector:4318); the proxy appends "
+            f"/v1/traces and /v1/metrics itself"
+        )
+    try:
+        url.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: bad port in {telemetry.otlp_endpoint!r}") from None
+
+
+def _otel_defaults(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    """``OTEL_EXPORTER_OTLP_ENDPOINT`` names the collector when the config does not (as the
+    OpenTelemetry SDKs do: an explicit setting wins over the standard variable)."""
+    endpoint = env.get(OTLP_ENDPOINT_ENV)
+    if not endpoint:
+        return
+    table = raw.setdefault("telemetry", {})
+    if isinstance(table, dict) and table.get("otlp_endpoint") is None:
+        table["otlp_endpoint"] = endpoint
 
 
 def parse(raw: Mapping[str, Any]) -> Config:
@@ -462,6 +516,7 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
+    _otel_defaults(raw, env)
     if "upstream_url" not in raw and path is None:
         raise ConfigError(
             "no config file found and upstream_url is not set; searched: "
