@@ -33,6 +33,7 @@ RECORD = ExchangeRecord(
     api="anthropic",
     status=200,
     outcome="complete",
+    origin="upstream",
     bytes_in=1200,
     bytes_out=800,
     ttfb=0.4,

@@ -145,6 +145,7 @@ def upstream_request_head(
     chunked: bool,
     default_header: bytes = b"Authorization",
     scanned: HeaderScan | None = None,
+    traceparent: bytes | None = None,
 ) -> bytes:
     """The request head sent upstream.
 
@@ -155,9 +156,13 @@ def upstream_request_head(
     ``chunked`` keeps the client's ``Transfer-Encoding`` and ``Trailer`` lines: the body is
     re-chunked and its trailers follow it.
     ``scanned``: the headers' :func:`scan`, when the caller has it already.
+    ``traceparent``: a W3C trace context to send instead of the client's (telemetry with
+    ``propagate``): the first ``traceparent`` line's value is replaced in place, any further
+    one dropped, and one is added when the client sent none.
     """
     scanned = scanned or scan(headers)
     drop = _REQUEST_DROP | scanned.connection if scanned.connection else _REQUEST_DROP
+    trace_written = traceparent is None
     lines = [method, b" ", prefix, target, b" HTTP/1.1\r\n"]
     host_written = False
     cred_written = credential is None
@@ -176,7 +181,15 @@ def upstream_request_head(
                 lines.append(b"Authorization: Bearer " + credential.value + b"\r\n")
             cred_written = True
             continue
+        if not trace_written and lname == b"traceparent":
+            lines.append(name + b": " + traceparent + b"\r\n")  # type: ignore[operator]
+            trace_written = True
+            continue
+        if lname == b"traceparent" and traceparent is not None:
+            continue
         lines.append(name + b": " + value + b"\r\n")
+    if not trace_written:
+        lines.append(b"traceparent: " + traceparent + b"\r\n")  # type: ignore[operator]
     if not host_written:
         lines.insert(5, b"Host: " + host + b"\r\n")
     if not cred_written and credential is not None:

@@ -67,6 +67,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .credentials import UpstreamAuth
     from .metrics import Metrics
+    from .telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class Shared(Protocol):
     host_header: bytes
     prefix: bytes
     metrics: Metrics | None
+    telemetry: Telemetry | None
     batch: Batch
     read_usage: bool
     access_log: bool
@@ -214,6 +216,7 @@ class Exchange:
         "req",
         "resp",
         "response_scan",
+        "sent_traceparent",
         "shared",
         "status",
         "stream_reader",
@@ -257,6 +260,7 @@ class Exchange:
         self.status = 0
         self.interim = 0
         self.response_scan: hdr.HeaderScan | None = None
+        self.sent_traceparent: str | None = None  # the trace context sent upstream, if any
         self.reply: list[bytes] | None = None  # a JSON reply kept for its usage until complete
         self.stream_reader: StreamReader | None = None  # an event stream's usage, as it comes
         self.bytes_in = 0
@@ -367,6 +371,13 @@ class Exchange:
     def _build_upstream_head(self) -> None:
         shared = self.shared
         head = self.head
+        telemetry = shared.telemetry
+        if telemetry is not None and telemetry.propagate and self.sent_traceparent is None:
+            incoming = head.scan.traceparent
+            self.sent_traceparent = telemetry.child_traceparent(
+                incoming.decode("latin-1") if incoming else None
+            )
+        sent = self.sent_traceparent
         self.upstream_head = hdr.upstream_request_head(
             head.method,
             head.target,
@@ -377,6 +388,7 @@ class Exchange:
             chunked=head.chunked,
             default_header=b"x-api-key" if self.family == "anthropic" else b"Authorization",
             scanned=head.scan,
+            traceparent=sent.encode("latin-1") if sent is not None else None,
         )
 
     def _open_upstream(self) -> None:
@@ -743,7 +755,7 @@ class Exchange:
 
     def _finish(self) -> None:
         shared = self.shared
-        if shared.metrics is not None or shared.access_log:
+        if shared.metrics is not None or shared.access_log or shared.telemetry is not None:
             self.t_end = time.perf_counter()
             shared.batch.defer(self._account)  # once the last bytes are on their way
         self.client.exchange_finished(self)
@@ -802,6 +814,8 @@ class Exchange:
             self.shared.metrics.observe_record(rec)
         if self.shared.access_log:
             log_access(rec)
+        if self.shared.telemetry is not None:
+            self.shared.telemetry.on_record(rec, self.sent_traceparent)
 
 
 def _count(tokens: list[int] | None, i: int) -> int | None:

@@ -52,6 +52,7 @@ from .headers import scan
 from .logs import flush_handlers
 from .metrics import Metrics, exposition
 from .relay import ABANDONED, Exchange, RequestHead
+from .telemetry import Telemetry, from_config
 from .upstream import Origin, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,11 @@ class ServerState:
         auth: UpstreamAuth,
         pool: UpstreamPool,
         metrics: Metrics | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
+        self.telemetry = telemetry
         self.keyring = KeyRing(config.client_keys())
         self.auth = auth
         self.pool = pool
@@ -126,7 +129,7 @@ class ServerState:
     def _update_logging(self) -> None:
         access = logging.getLogger("claude_proxy.access")
         self.access_log = access.isEnabledFor(logging.INFO) and not access.disabled
-        self.read_usage = self.access_log or self.metrics is not None
+        self.read_usage = self.access_log or self.metrics is not None or self.telemetry is not None
 
     def in_flight(self) -> int:
         return sum(1 for c in self.connections if c.active is not None)
@@ -559,6 +562,7 @@ class ProxyServer:
         sockets: Sequence[socket.socket] = (),
         upstream_ssl: ssl.SSLContext | None = None,
         serve_admin: bool = True,
+        worker: int | None = None,
     ) -> None:
         """``sockets``: already listening sockets (plain, then TLS) handed over by the
         supervisor; ``serve_admin`` False leaves the admin listener to the supervisor."""
@@ -577,6 +581,7 @@ class ProxyServer:
         )
         self.admin: AdminServer | None = None
         self.state: ServerState | None = None
+        self.telemetry = from_config(config, worker=worker)  # ConfigError: exit code 2
 
     async def start(self) -> None:
         """Start the credential, bind the listener(s), the admin listener and the sweeper."""
@@ -587,7 +592,7 @@ class ProxyServer:
             idle_timeout=config.pool_idle_timeout,
             ssl_context=self._upstream_ssl,
         )
-        self.state = state = ServerState(config, self.auth, pool, self.metrics)
+        self.state = state = ServerState(config, self.auth, pool, self.metrics, self.telemetry)
         self.auth.metrics = self.metrics
         if self.metrics is not None:
             self.metrics.bind_state(
@@ -735,6 +740,8 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         state.pool.close()
         state.batch.run_deferred()  # the last requests' metrics and access lines
+        if self.telemetry is not None:
+            await self.telemetry.aclose(5.0)  # bounded, even with the collector down
         if self.metrics is not None:
             self.metrics.refresh()  # with several workers: the last second's counts
         if self.admin is not None:

@@ -159,6 +159,7 @@ def record(**changes: Any) -> ExchangeRecord:
         api="anthropic",
         status=200,
         outcome="complete",
+        origin="upstream",
         bytes_in=1200,
         bytes_out=800,
         ttfb=0.4,

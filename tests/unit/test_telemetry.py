@@ -38,6 +38,7 @@ def record(**changes: Any) -> ExchangeRecord:
         api="anthropic",
         status=200,
         outcome="complete",
+        origin="upstream",
         bytes_in=100,
         bytes_out=200,
         ttfb=0.25,
