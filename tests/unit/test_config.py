@@ -365,13 +365,15 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_example_config_documents_every_key() -> None:
     example = (Path(__file__).parents[2] / "config.example.toml").read_text()
-    from claude_proxy.config import Config, _hints
+    from claude_proxy.config import Config, JwtPolicy, _hints, _strip_optional
 
     def keys(cls: Any, prefix: str) -> list[str]:
         out = []
         for name, tp in _hints(cls).items():
-            if name in ("upstream_auth", "logging", "admin", "tls"):
-                out += keys(tp, name + ".")
+            if name in ("upstream_auth", "logging", "admin", "tls", "client_jwt", "limits"):
+                out += keys(_strip_optional(tp), name + ".")
+            elif name == "policies":
+                out += keys(JwtPolicy, "client_jwt.policies.")
             else:
                 out.append(prefix + name)
         return out
