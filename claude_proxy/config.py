@@ -504,9 +504,7 @@ def _check_keys(config: Config) -> None:
         names.add(ck.name)
         digest = key_digest(ck)
         if digest in digests:
-            raise ConfigError(
-                "client_api_keys: the same key appears twice; give each key one name"
-            )
+            raise ConfigError("client_api_keys: the same key appears twice; give each key one name")
         digests.add(digest)
 
 
