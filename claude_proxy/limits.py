@@ -20,6 +20,7 @@ import fnmatch
 import itertools
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ class _Windows:
     requests_minute: int = 0
     tokens_minute: int = 0
     tokens_day: int = 0
-    permits: set[int] = field(default_factory=set)
+    permits: set[str] = field(default_factory=set)
 
     def roll(self, now: float) -> None:
         minute, day = window_index(now, MINUTE), window_index(now, DAY)
@@ -326,7 +327,7 @@ class MemoryStore:
         w.roll(now)
         return w
 
-    def admit(self, subject: str, s: LimitSettings, now: float, permit: int) -> tuple[int, Counts]:
+    def admit(self, subject: str, s: LimitSettings, now: float, permit: str) -> tuple[int, Counts]:
         w = self._at(subject, now)
         code = decide(s, w.counts())
         if code == OK:
@@ -335,7 +336,7 @@ class MemoryStore:
                 w.permits.add(permit)
         return code, w.counts()
 
-    def release(self, subject: str, now: float, permit: int, tokens: int) -> None:
+    def release(self, subject: str, now: float, permit: str, tokens: int) -> None:
         w = self._at(subject, now)
         w.permits.discard(permit)
         w.tokens_minute += tokens
@@ -420,16 +421,16 @@ class RedisStore:
         return (f"{base}:rpm:{minute}", f"{base}:tpm:{minute}", f"{base}:tpd:{day}", f"{base}:c")
 
     async def admit(
-        self, subject: str, s: LimitSettings, now: float, permit: int
+        self, subject: str, s: LimitSettings, now: float, permit: str
     ) -> tuple[int, Counts]:
         limits = (s.requests_per_minute, s.tokens_per_minute, s.tokens_per_day, s.max_concurrent)
-        args: list[float] = [v or 0 for v in limits]
+        args: list[float | str] = [v or 0 for v in limits]
         args += [now, permit, CONCURRENCY_LEASE, 2 * MINUTE, 2 * DAY]
         reply = await self._admit(keys=self.keys(subject, now), args=args)
         code, rpm, tpm, tpd, conc = (int(v) for v in reply)
         return code, Counts(rpm, tpm, tpd, conc)
 
-    async def release(self, subject: str, now: float, permit: int, tokens: int) -> None:
+    async def release(self, subject: str, now: float, permit: str, tokens: int) -> None:
         _, tpm, tpd, permits = self.keys(subject, now)
         await self._release(keys=[tpm, tpd, permits], args=[tokens, permit, 2 * MINUTE, 2 * DAY])
 
@@ -474,10 +475,12 @@ class Tally:
 class Permit:
     """One admitted request; :meth:`finish` it once, with the tokens its response used."""
 
-    __slots__ = ("_done", "_id", "_limiter", "_subject", "_tally", "tracked")
+    __slots__ = ("_done", "_holds_slot", "_id", "_limiter", "_subject", "_tally", "tracked")
 
-    def __init__(self, limiter: Limiter, tally: Tally, subject: str, pid: int, tracked: bool):
+    def __init__(self, limiter: Limiter, tally: Tally, subject: str, pid: str, tracked: bool):
         self._limiter = limiter
+        rules = tally.rules
+        self._holds_slot = rules is not None and rules.settings.max_concurrent is not None
         self._tally = tally
         self._subject = subject
         self._id = pid
@@ -493,7 +496,7 @@ class Permit:
         tokens = max(0, input_tokens or 0) + max(0, output_tokens or 0)
         self._tally.tokens += tokens
         self._tally.in_flight -= 1
-        if self.tracked:
+        if self.tracked and (tokens or self._holds_slot):
             self._limiter._release(self._subject, self._id, tokens)
 
 
@@ -525,6 +528,8 @@ class Limiter:
         self.store_errors = 0  # failed Redis calls, for metrics
         self.refusals: dict[str, int] = dict.fromkeys(LIMIT_NAMES, 0)  # by limit, for metrics
         self._down_since = -math.inf
+        # permit ids are members of a sorted set every replica shares: unique across them
+        self._instance = secrets.token_hex(6)
         self._ids = itertools.count(1)
         self._tallies: dict[tuple[str, str], Tally] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -556,7 +561,7 @@ class Limiter:
             return self._admitted(tally, "", tracked=False)
         subject = f"{kind}:{id}"
         if self.redis is None:
-            pid = next(self._ids)
+            pid = self._next_id()
             code, _ = self.memory.admit(subject, rules.settings, now, pid)
             return self._decided(tally, subject, rules, code, now, pid)
         if not self.store_ok and self.monotonic() - self._down_since < RETRY_DOWN_EVERY:
@@ -581,7 +586,7 @@ class Limiter:
         tally = self._tally(kind, id, rules, display)
         subject = f"{kind}:{id}"
         now = self.clock()
-        pid = next(self._ids)
+        pid = self._next_id()
         try:
             async with asyncio.timeout(self.config.redis_timeout):
                 code, _ = await self.redis.admit(subject, rules.settings, now, pid)
@@ -591,8 +596,11 @@ class Limiter:
         self._store_recovered()
         return self._decided(tally, subject, rules, code, now, pid)
 
+    def _next_id(self) -> str:
+        return f"{self._instance}-{next(self._ids)}"
+
     def _decided(
-        self, tally: Tally, subject: str, rules: Rules, code: int, now: float, pid: int
+        self, tally: Tally, subject: str, rules: Rules, code: int, now: float, pid: str
     ) -> Permit:
         if code != OK:
             error = refusal(code, rules, now)
@@ -600,7 +608,7 @@ class Limiter:
             raise error
         return self._admitted(tally, subject, tracked=True, pid=pid)
 
-    def _admitted(self, tally: Tally, subject: str, *, tracked: bool, pid: int = 0) -> Permit:
+    def _admitted(self, tally: Tally, subject: str, *, tracked: bool, pid: str = "") -> Permit:
         tally.requests += 1
         tally.in_flight += 1
         return Permit(self, tally, subject, pid, tracked)
@@ -640,7 +648,7 @@ class Limiter:
 
     # ---- release
 
-    def _release(self, subject: str, pid: int, tokens: int) -> None:
+    def _release(self, subject: str, pid: str, tokens: int) -> None:
         now = self.clock()
         if self.redis is None:
             self.memory.release(subject, now, pid, tokens)
@@ -649,7 +657,7 @@ class Limiter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _release_redis(self, subject: str, pid: int, tokens: int) -> None:
+    async def _release_redis(self, subject: str, pid: str, tokens: int) -> None:
         assert self.redis is not None
         try:
             # Off the request path, so it may wait longer than an admission does.
