@@ -187,11 +187,11 @@ class JwtValidator:
         self,
         config: ClientJwtConfig,
         *,
-        clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
     ) -> None:
+        """``monotonic`` paces fetches (injectable for tests); ``exp`` and ``nbf`` are checked
+        by PyJWT against the wall clock."""
         self.config = config
-        self.clock = clock
         self.monotonic = monotonic
         self.jwks_uri = config.jwks_uri
         self.fetches = 0  # JWKS fetches made (successful or not), for tests and metrics
