@@ -24,7 +24,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Final, Literal
+from typing import Any, ClassVar, Final, Literal, Protocol
 
 import msgspec
 from redis.asyncio import Redis
@@ -458,6 +458,16 @@ class RedisStore:
 # --------------------------------------------------------------------------- the limiter
 
 
+class LimitObserver(Protocol):
+    """What metrics learn from the limiter (labels from bounded sets only: never a user)."""
+
+    def limit_refused(self, limit: LimitName) -> None: ...
+
+    def limits_store_error(self) -> None: ...
+
+    def limits_store_up(self, up: bool) -> None: ...
+
+
 @dataclass(slots=True)
 class Tally:
     """Since this process started: what one key or user did (for /usage)."""
@@ -513,8 +523,10 @@ class Limiter:
         *,
         clock: Clock = time.time,
         monotonic: Clock = time.monotonic,
+        observer: LimitObserver | None = None,
     ) -> None:
         self.config = config
+        self.observer = observer
         self.clock = clock
         self.monotonic = monotonic
         self.memory = MemoryStore()
@@ -616,6 +628,8 @@ class Limiter:
     def _refused(self, tally: Tally, error: LimitRefusal) -> None:
         tally.refused[error.limit] = tally.refused.get(error.limit, 0) + 1
         self.refusals[error.limit] += 1
+        if self.observer is not None:
+            self.observer.limit_refused(error.limit)
 
     def _store_down(self, tally: Tally, subject: str) -> Permit:
         if self.config.on_redis_error == "allow":
@@ -633,8 +647,12 @@ class Limiter:
     def _store_failed(self, exc: BaseException) -> None:
         self.store_errors += 1
         self._down_since = self.monotonic()
+        if self.observer is not None:
+            self.observer.limits_store_error()
         if self.store_ok:
             self.store_ok = False
+            if self.observer is not None:
+                self.observer.limits_store_up(False)
             logger.warning(
                 "limits: Redis unreachable (%s); requests are %s until it answers",
                 type(exc).__name__ if not str(exc) else f"{type(exc).__name__}: {exc}",
@@ -644,6 +662,8 @@ class Limiter:
     def _store_recovered(self) -> None:
         if not self.store_ok:
             self.store_ok = True
+            if self.observer is not None:
+                self.observer.limits_store_up(True)
             logger.warning("limits: Redis answers again; limits are enforced")
 
     # ---- release
@@ -678,6 +698,12 @@ class Limiter:
             await self.redis.close()
 
     # ---- usage
+
+    def preload(self, keys: tuple[ClientKey, ...]) -> None:
+        """List the configured keys in /usage before their first request (with Redis, their
+        shared windows show even in a process that serves no request, e.g. a supervisor)."""
+        for key in keys:
+            self._tally("key", key.name, Rules.of_key(key), None)
 
     def _tally(
         self, kind: Literal["key", "user"], id: str, rules: Rules | None, display: str | None
