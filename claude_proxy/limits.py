@@ -146,18 +146,19 @@ class Rules:
 
     name: str
     settings: LimitSettings
+    counted: bool = False  # some limit needs counts kept (set from settings)
+
+    @classmethod
+    def of(cls, name: str, settings: LimitSettings) -> Rules:
+        return cls(name, settings, settings.counted())
 
     @classmethod
     def of_key(cls, key: ClientKey) -> Rules | None:
-        return cls(key.name, key) if key.limited() else None
+        return cls.of(key.name, key) if key.limited() else None
 
     @classmethod
     def of_policy(cls, policy: JwtPolicy) -> Rules:
-        return cls(policy.label, policy)
-
-    @property
-    def counted(self) -> bool:
-        return self.settings.counted()
+        return cls.of(policy.label, policy)
 
     def as_dict(self) -> dict[str, Any]:
         s = self.settings
@@ -327,14 +328,14 @@ class MemoryStore:
         w.roll(now)
         return w
 
-    def admit(self, subject: str, s: LimitSettings, now: float, permit: str) -> tuple[int, Counts]:
+    def admit(self, subject: str, s: LimitSettings, now: float, permit: str) -> int:
         w = self._at(subject, now)
         code = decide(s, w.counts())
         if code == OK:
             w.requests_minute += 1
             if s.max_concurrent is not None:
                 w.permits.add(permit)
-        return code, w.counts()
+        return code
 
     def release(self, subject: str, now: float, permit: str, tokens: int) -> None:
         w = self._at(subject, now)
@@ -574,7 +575,7 @@ class Limiter:
         subject = f"{kind}:{id}"
         if self.redis is None:
             pid = self._next_id()
-            code, _ = self.memory.admit(subject, rules.settings, now, pid)
+            code = self.memory.admit(subject, rules.settings, now, pid)
             return self._decided(tally, subject, rules, code, now, pid)
         if not self.store_ok and self.monotonic() - self._down_since < RETRY_DOWN_EVERY:
             return self._store_down(tally, subject)
