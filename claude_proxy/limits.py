@@ -604,10 +604,19 @@ class Limiter:
             async with asyncio.timeout(self.config.redis_timeout):
                 code, _ = await self.redis.admit(subject, rules.settings, now, pid)
         except (OSError, TimeoutError, RedisError) as exc:
+            self._abandon(subject, pid, rules)
             self._store_failed(exc)
             return self._store_down(tally, subject)
+        except asyncio.CancelledError:  # the client went away while Redis decided
+            self._abandon(subject, pid, rules)
+            raise
         self._store_recovered()
         return self._decided(tally, subject, rules, code, now, pid)
+
+    def _abandon(self, subject: str, pid: str, rules: Rules) -> None:
+        """Redis may have admitted a request whose answer never arrived: free its slot."""
+        if rules.settings.max_concurrent is not None:
+            self._release(subject, pid, 0)
 
     def _next_id(self) -> str:
         return f"{self._instance}-{next(self._ids)}"

@@ -7,6 +7,7 @@ so a reset needs no sleep; Redis is stopped and started again mid-run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import uuid
@@ -254,3 +255,15 @@ def test_refusals_are_proxy_errors_the_relay_can_render() -> None:
         error: LimitRefusal = cls("m", 3.2)
         assert error.status == 429 and error.retry_after == 3.2
         assert (b"retry-after", b"4") in error.headers()
+
+
+async def test_a_cancelled_admission_frees_its_slot(replicas: Replicas) -> None:
+    """The client goes away while Redis decides: whatever Redis did, the slot comes back."""
+    r = rules(max_concurrent=1)
+    task = asyncio.ensure_future(check(replicas.a, r))
+    await asyncio.sleep(0)  # one turn: the script is on its way, its answer is not
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        (await task).finish()  # it may have finished first
+    await replicas.a.drain()
+    (await check(replicas.b, r)).finish()
