@@ -12,6 +12,7 @@ an unknown ``kid`` at most every 30 s, or a set older than an hour); then the ca
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 REFRESH_COOLDOWN: Final = 30.0  # an unknown kid refetches the JWKS at most this often
 COLD_RETRY: Final = 5.0  # with no keys at all, a failed fetch is retried after this
 LIFESPAN: Final = 3600.0  # a key set older than this is refetched (a key withdrawn goes)
+MAX_VERIFIED: Final = 10000  # verified tokens remembered (by digest) until they expire
 MAX_DOCUMENT: Final = 1 << 20  # discovery and JWKS documents larger than this are refused
 ASYMMETRIC: Final = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512"}
@@ -196,6 +198,9 @@ class JwtValidator:
         self.jwks_uri = config.jwks_uri
         self.fetches = 0  # JWKS fetches made (successful or not), for tests and metrics
         self._keys: dict[str, jwt.PyJWK] = {}
+        # sha256(token) -> (identity, exp): a signature is checked once per token, not per
+        # request (an RS256 check costs about 150 us; Claude Code sends one token for an hour)
+        self._verified: dict[bytes, tuple[Identity, float]] = {}
         self._loaded_at = -math.inf  # last successful fetch
         self._tried_at = -math.inf  # last attempt
         self._lock = asyncio.Lock()
@@ -213,6 +218,12 @@ class JwtValidator:
 
         Raises :class:`Unauthorized` saying what is wrong (or :class:`Forbidden`).
         """
+        digest = hashlib.sha256(token.encode()).digest()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            if time.time() < hit[1] + self.config.leeway:
+                return hit[0]
+            del self._verified[digest]
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -236,7 +247,11 @@ class JwtValidator:
                 raise Unauthorized(
                     f"The token is signed with key {kid!r}, which the issuer does not publish."
                 )
-        return self._decode(token, key, alg)
+        identity, exp = self._decode(token, key, alg)
+        if len(self._verified) >= MAX_VERIFIED:
+            del self._verified[next(iter(self._verified))]
+        self._verified[digest] = (identity, exp)
+        return identity
 
     async def validate(self, token: str) -> Identity:
         """:meth:`validate_now`, fetching the issuer's keys first when it must."""
@@ -249,7 +264,7 @@ class JwtValidator:
             raise IssuerUnavailable("The proxy cannot fetch its token issuer's signing keys.")
         return found
 
-    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> Identity:
+    def _decode(self, token: str, key: jwt.PyJWK, alg: str) -> tuple[Identity, float]:
         if key.algorithm_name not in ASYMMETRIC or alg != key.algorithm_name:
             raise Unauthorized(
                 f"Token algorithm {alg!r} does not fit the issuer's key {key.key_id!r} "
@@ -268,7 +283,7 @@ class JwtValidator:
             )
         except jwt.PyJWTError as exc:
             raise explain(exc, token, config) from None
-        return user_identity(claims, config)
+        return user_identity(claims, config), float(claims["exp"])
 
     async def refresh(self) -> None:
         """Fetch the JWKS (discovering its URI first if not configured); one fetch at a time,
@@ -289,6 +304,8 @@ class JwtValidator:
                 )
                 return
             added = sorted(set(keys) - set(self._keys))
+            if set(keys) != set(self._keys):
+                self._verified.clear()  # a withdrawn key's tokens are checked again
             self._keys = keys
             self._loaded_at = self.monotonic()
             logger.info("client_jwt: %d signing key(s) at hand, new: %s", len(keys), added)

@@ -336,3 +336,17 @@ async def test_authenticator_takes_tokens_in_either_header(issuer: Issuer) -> No
             auth.identify_now(presented([(b"x-api-key", b"not-a-token")]))
     finally:
         await validator.close()
+
+
+async def test_a_verified_token_is_remembered_until_its_key_is_withdrawn(
+    issuer: Issuer, validator: Validator
+) -> None:
+    v, mono = validator
+    token = issuer.token()
+    who = await v.validate(token)
+    assert v.validate_now(token) is who  # from the cache: no second signature check
+    issuer.published = [SigningKey("key-2")]
+    mono.now += 31
+    await v.refresh()
+    with pytest.raises(Unauthorized, match="key 'key-1', which the issuer does not publish"):
+        v.validate_now(token)
