@@ -27,7 +27,7 @@ import jwt
 
 from .client_auth import OPEN, PASSTHROUGH, KeyRing, Presented
 from .config import ClientJwtConfig, Config, JwtPolicy
-from .errors import ProxyError, Unauthorized
+from .errors import Forbidden, ProxyError, Unauthorized
 from .limits import Clock, Rules
 
 logger = logging.getLogger(__name__)
@@ -43,30 +43,13 @@ ASYMMETRIC: Final = frozenset(
 _JWT_SHAPE = re.compile(rb"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\Z")
 
 
-class Forbidden(ProxyError):
-    """403: a valid identity that no policy admits (``client_jwt.require_policy``)."""
-
-    status = 403
-    anthropic_type = "permission_error"
-    openai_type = "invalid_request_error"
-    openai_code = "no_policy"
-    should_retry = False
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.retry_after: float | None = None
-
-
 class IssuerUnavailable(ProxyError):
     """503: the issuer's signing keys cannot be fetched, so no token can be checked."""
 
     status = 503
     openai_code = "issuer_unavailable"
     should_retry = True
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.retry_after: float | None = COLD_RETRY
+    retry_after = int(COLD_RETRY)
 
 
 @dataclass(frozen=True, slots=True)

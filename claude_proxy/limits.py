@@ -66,21 +66,18 @@ LIMIT_NAMES: Final[tuple[LimitName, ...]] = (
 
 
 class LimitRefusal(ProxyError):
-    """A request refused by a limit; ``limit`` names it (a bounded set, for metrics)."""
+    """A request refused by a limit; ``limit`` names it (a bounded set, for metrics).
 
-    should_retry: ClassVar[bool] = True
+    ``retry_after`` is whole seconds to the limit's reset, rounded up (the relay sends it as
+    ``retry-after`` when ``should_retry``).
+    """
+
+    should_retry = True
     limit: ClassVar[LimitName]
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
-        self.retry_after = retry_after
-
-    def headers(self) -> list[tuple[bytes, bytes]]:
-        """``retry-after`` (whole seconds, rounded up) and ``x-should-retry``, as sent."""
-        out = [(b"x-should-retry", b"true" if self.should_retry else b"false")]
-        if self.retry_after is not None:
-            out.append((b"retry-after", b"%d" % max(1, math.ceil(self.retry_after))))
-        return out
+        self.retry_after = None if retry_after is None else max(1, math.ceil(retry_after))
 
 
 class RateLimited(LimitRefusal):
@@ -114,7 +111,7 @@ class DailyBudgetExhausted(LimitRefusal):
 class ModelNotAllowed(LimitRefusal):
     status = 403
     anthropic_type = "permission_error"
-    openai_type = "invalid_request_error"
+    openai_type = "permission_error"
     openai_code = "model_not_allowed"
     should_retry = False
     limit = "allowed_models"

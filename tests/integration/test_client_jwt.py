@@ -20,10 +20,9 @@ from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from claude_proxy.client_auth import presented
 from claude_proxy.config import ClientJwtConfig, Config, JwtPolicy, UpstreamAuthConfig
-from claude_proxy.errors import Unauthorized
+from claude_proxy.errors import Forbidden, Unauthorized
 from claude_proxy.identity import (
     Authenticator,
-    Forbidden,
     IssuerUnavailable,
     JwtValidator,
 )

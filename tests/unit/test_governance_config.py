@@ -13,10 +13,9 @@ import pytest
 from claude_proxy.cli import hash_key_command
 from claude_proxy.client_auth import KeyRing, hash_key, presented
 from claude_proxy.config import ClientJwtConfig, ClientKey, Config, JwtPolicy, load_config
-from claude_proxy.errors import ConfigError, Unauthorized
+from claude_proxy.errors import ConfigError, Forbidden, Unauthorized
 from claude_proxy.identity import (
     Authenticator,
-    Forbidden,
     claim_matches,
     looks_like_jwt,
     match_policy,
