@@ -252,3 +252,13 @@ def _auth() -> Any:
     from claude_proxy.config import UpstreamAuthConfig
 
     return UpstreamAuthConfig(type="api_key", api_key="u")
+
+
+def test_main_runs_hash_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from claude_proxy.cli import main
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("team-a-secret\r\n"))
+    assert main(["hash-key"]) == 0
+    assert capsys.readouterr().out == DIGEST + "\n"
