@@ -30,7 +30,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from .config import ClientKey, JwtPolicy, LimitsConfig, LimitSettings
+from .config import ClientKey, Config, JwtPolicy, LimitsConfig, LimitSettings
 from .errors import ProxyError
 
 logger = logging.getLogger(__name__)
@@ -185,6 +185,12 @@ def model_of(body: bytes) -> str | None:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     return model if isinstance(model, str) else None
+
+
+def needs_limiter(config: Config) -> bool:
+    """Whether a :class:`Limiter` is wanted: a key with limits, or JWT users (whose policies
+    and /usage entries it keeps). Without one the request path never calls into this module."""
+    return config.client_jwt is not None or any(k.limited() for k in config.client_keys())
 
 
 def model_allowed(patterns: tuple[str, ...], model: str) -> bool:

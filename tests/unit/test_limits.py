@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from claude_proxy.config import ClientKey, LimitsConfig
+from claude_proxy.config import (
+    ClientJwtConfig,
+    ClientKey,
+    Config,
+    LimitsConfig,
+    UpstreamAuthConfig,
+)
 from claude_proxy.errors import render_error
 from claude_proxy.limits import (
     ConcurrencyLimited,
@@ -22,6 +28,7 @@ from claude_proxy.limits import (
     TokenRateLimited,
     check_static,
     model_of,
+    needs_limiter,
     resets_in,
 )
 
@@ -218,3 +225,22 @@ async def test_usage_reports_windows_and_budgets_left() -> None:
     assert doc["store"] == "memory" and doc["minute_resets_in"] == 30
     json.dumps(doc)
     held.finish()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needed"),
+    [
+        ({}, False),
+        ({"client_api_keys": (ClientKey(name="a", key="k"),)}, False),
+        ({"client_api_keys": (ClientKey(name="a", key="k", allowed_models=("c*",)),)}, True),
+        ({"client_api_keys": (ClientKey(name="a", key="k", max_concurrent=1),)}, True),
+        ({"client_jwt": ClientJwtConfig(issuer="https://i.example", audience="a")}, True),
+    ],
+)
+def test_needs_limiter(changes: dict[str, Any], needed: bool) -> None:
+    config = Config(
+        upstream_url="http://127.0.0.1:9",
+        upstream_auth=UpstreamAuthConfig(type="api_key", api_key="u"),
+        **changes,
+    )
+    assert needs_limiter(config) is needed
