@@ -1,4 +1,4 @@
-"""The admin listener: ``/healthz``, ``/readyz`` and ``/metrics`` on a port of their own.
+"""The admin listener: ``/healthz``, ``/readyz``, ``/metrics``, ``/usage`` on a port of their own.
 
 Off unless ``[admin] port`` is set, so it never shadows a proxied path. Admin traffic is a
 probe every few seconds, so aiohttp (already a dependency of azure-identity) serves it.
@@ -7,22 +7,32 @@ probe every few seconds, so aiohttp (already a dependency of azure-identity) ser
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 # () -> (ready, reason)
 ReadyCheck = Callable[[], tuple[bool, str]]
+# () -> the /usage document (limits.Limiter.usage)
+UsageReport = Callable[[], Awaitable[dict[str, Any]]]
 
 
 class AdminServer:
-    """``render`` produces the metrics page; ``ready`` answers /readyz."""
+    """``render`` produces the metrics page; ``ready`` answers /readyz; ``usage``, when given,
+    answers /usage (keys and users: a JSON document, never a metric label)."""
 
     def __init__(
-        self, host: str, port: int, render: Callable[[], bytes], ready: ReadyCheck
+        self,
+        host: str,
+        port: int,
+        render: Callable[[], bytes],
+        ready: ReadyCheck,
+        usage: UsageReport | None = None,
     ) -> None:
         self.host = host
+        self.usage = usage
         self.requested_port = port
         self.render = render
         self.ready = ready
@@ -40,11 +50,17 @@ class AdminServer:
     async def metrics_page(self, request: web.Request) -> web.Response:
         return web.Response(body=self.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def usage_page(self, request: web.Request) -> web.Response:
+        if self.usage is None:
+            return web.json_response({"error": "no limits or identities configured"}, status=404)
+        return web.json_response(await self.usage())
+
     async def start(self) -> None:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics_page)
+        app.router.add_get("/usage", self.usage_page)
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )

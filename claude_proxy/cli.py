@@ -1,4 +1,4 @@
-"""Command line: ``claude-proxy [serve]``, ``check``, ``demo`` and ``mock``.
+"""Command line: ``claude-proxy [serve]``, ``check``, ``demo``, ``mock`` and ``hash-key``.
 
 Flags default to "not given" and override the file and environment. Signal handlers live here
 and nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads client keys and log level.
@@ -19,9 +19,10 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from . import __version__, supervisor
+from .client_auth import hash_key
 from .config import (
     Config,
     Loaded,
@@ -105,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "mock", help="run the bundled Foundry mock (see 'claude-proxy mock -h')", add_help=False
     )
+    sub.add_parser("hash-key", help="read a client key on stdin, print its key_sha256")
     return parser
 
 
@@ -122,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return mock_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "hash-key":
+        return hash_key_command(sys.stdin, sys.stdout)
     if args.command == "demo":
         return run(demo(args.port, args.verbose))
     try:
@@ -153,6 +157,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sockets = [socket.socket(fileno=fd) for fd in worker[0]] if worker is not None else []
     return run(serve(loaded, reload, sockets))
+
+
+def hash_key_command(stdin: TextIO, stdout: TextIO) -> int:
+    """``claude-proxy hash-key``: the ``key_sha256`` of the key on stdin (one line; the line
+    break is not part of the key), so the config need not hold the key itself."""
+    key = stdin.readline().rstrip("\r\n")
+    if not key:
+        print("claude-proxy hash-key: no key on standard input", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(hash_key(key), file=stdout)
+    return EXIT_OK
 
 
 def run_check(args: argparse.Namespace, loaded: Loaded) -> int:

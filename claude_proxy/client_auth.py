@@ -12,7 +12,7 @@ import hmac
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from .config import ClientKey
+from .config import ClientKey, key_digest
 from .errors import Unauthorized
 from .headers import CREDENTIAL_HEADERS, Headers
 
@@ -57,8 +57,13 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+def hash_key(key: str) -> str:
+    """What ``key_sha256`` holds for ``key``: its SHA-256 as lower-case hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 class KeyRing:
-    """The configured client keys, kept only as digests.
+    """The configured client keys, kept only as digests (``key_sha256`` is one already).
 
     ``compare`` is :func:`hmac.compare_digest`; a test passes a recording wrapper to check that
     every configured key is compared, always as two digests of one length.
@@ -71,7 +76,7 @@ class KeyRing:
         keys: Sequence[ClientKey],
         compare: Callable[[bytes, bytes], bool] = hmac.compare_digest,
     ) -> None:
-        self._entries = tuple((_digest(k.key.encode()), k.name) for k in keys)
+        self._entries = tuple((bytes.fromhex(key_digest(k)), k.name) for k in keys)
         self._compare = compare
 
     def __bool__(self) -> bool:

@@ -8,6 +8,8 @@ dotted key and the fix. Nothing here logs, binds or fetches credentials.
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import hashlib
 import ipaddress
 import os
 import re
@@ -42,13 +44,84 @@ TlsMode = Literal["off", "manual"]
 # The standard variable that names the collector when telemetry.otlp_endpoint is not set.
 OTLP_ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 
+OnRedisError = Literal["allow", "deny"]
+
 
 @dataclass(frozen=True, slots=True)
-class ClientKey:
-    """A named client key; the name goes to logs and metrics, the key never does."""
+class LimitSettings:
+    """What a key or a JWT policy may use; a field left unset is no limit."""
+
+    requests_per_minute: int | None = field(default=None, kw_only=True)
+    tokens_per_minute: int | None = field(default=None, kw_only=True)  # input + output
+    tokens_per_day: int | None = field(default=None, kw_only=True)  # UTC day
+    max_concurrent: int | None = field(default=None, kw_only=True)
+    allowed_models: tuple[str, ...] | None = field(default=None, kw_only=True)  # fnmatch globs
+    expires: datetime.date | None = field(default=None, kw_only=True)  # last valid day (UTC)
+
+    def counted(self) -> bool:
+        """Whether a limit needs counts kept (the others are checked from the request alone)."""
+        return any(
+            v is not None
+            for v in (
+                self.requests_per_minute,
+                self.tokens_per_minute,
+                self.tokens_per_day,
+                self.max_concurrent,
+            )
+        )
+
+    def limited(self) -> bool:
+        return self.counted() or self.allowed_models is not None or self.expires is not None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey(LimitSettings):
+    """A named client key; the name goes to logs and metrics, the key never does.
+
+    ``key_sha256`` (hex) may stand for ``key``, so the config holds no usable secret.
+    """
 
     name: str
-    key: str = field(repr=False)
+    key: str | None = field(default=None, repr=False)
+    key_sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JwtPolicy(LimitSettings):
+    """Limits for the JWT users whose ``claim`` equals (or, for a list, contains) ``value``."""
+
+    claim: str
+    value: str
+    name: str | None = None  # for logs, metrics and /usage; default "claim=value"
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.claim}={self.value}"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientJwtConfig:
+    """Bearer tokens from an OIDC issuer (Entra ID), validated locally against its JWKS."""
+
+    issuer: str
+    audience: str
+    identity_claim: str = "oid"
+    name_claim: str = "preferred_username"
+    jwks_uri: str | None = None  # else from <issuer>/.well-known/openid-configuration
+    require_policy: bool = False
+    leeway: float = 60.0  # seconds of clock skew allowed on exp and nbf
+    fetch_timeout: float = 5.0  # one discovery or JWKS fetch
+    policies: tuple[JwtPolicy, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Where limit counts live: in this process, or in Redis shared by workers and replicas."""
+
+    redis_url: str | None = field(default=None, repr=False)  # may hold a password
+    redis_timeout: float = 0.05
+    on_redis_error: OnRedisError = "allow"
+    key_prefix: str = "claude-proxy:"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +187,8 @@ class Config:
     port: int = 8080
     client_api_key: str | None = field(default=None, repr=False)
     client_api_keys: tuple[ClientKey, ...] = ()
+    client_jwt: ClientJwtConfig | None = None
+    limits: LimitsConfig = LimitsConfig()
     passthrough_unauthenticated: bool = True
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
@@ -234,7 +309,7 @@ def _field_type(dotted: str) -> Any:
         hints = _hints(cls)
         if part not in hints:
             return None
-        cls = hints[part]
+        cls = _strip_optional(hints[part])
     return cls
 
 
@@ -333,6 +408,10 @@ def _convert(value: Any, tp: Any, key: str, secret: bool) -> Any:
         return float(value)
     if base is int and isinstance(value, bool):
         raise ConfigError(f"{key}: expected an integer; got bool")
+    if base is datetime.date and not (
+        isinstance(value, datetime.date) and not isinstance(value, datetime.datetime)
+    ):
+        raise ConfigError(f"{key}: expected a TOML date such as 2027-06-30; got {shown}")
     if not isinstance(value, base):
         raise ConfigError(f"{key}: expected {base.__name__}; got {shown}")
     return value
@@ -407,23 +486,114 @@ def _check(config: Config) -> None:
                 f"{config.upstream_auth.type!r}"
             )
     _check_keys(config)
+    _check_jwt(config.client_jwt)
+    _check_limits(config)
     _check_listeners(config)
     _check_telemetry(config.telemetry)
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}\Z")
 
 
 def _check_keys(config: Config) -> None:
     if config.client_api_key == "":
         raise ConfigError("client_api_key: empty; remove the key to disable client keys")
     names: set[str] = set()
+    digests: set[str] = set()
+    for i, ck in enumerate(config.client_api_keys):
+        where = f"client_api_keys[{i}]"
+        if ck.key is not None and ck.key_sha256 is not None:
+            raise ConfigError(f"{where}: give key or key_sha256, not both")
+        if ck.key_sha256 is not None and not _SHA256_HEX.match(ck.key_sha256.lower()):
+            raise ConfigError(
+                f"{where}.key_sha256: expected 64 hex digits (claude-proxy hash-key prints them)"
+            )
+        if ck.key is None and ck.key_sha256 is None:
+            raise ConfigError(f"{where}.key: required; or key_sha256 (from claude-proxy hash-key)")
+        if ck.key == "":
+            raise ConfigError(f"{where}.key: empty")
+        _check_limit_settings(ck, where)
     for i, ck in enumerate(config.client_keys()):
-        if not ck.key:
-            raise ConfigError(f"client_api_keys[{i}].key: empty")
         if ck.name in names:
             raise ConfigError(f"client_api_keys[{i}].name: duplicate name {ck.name!r}")
         names.add(ck.name)
-    keys = [ck.key for ck in config.client_keys()]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("client_api_keys: the same key appears twice; give each key one name")
+        digest = key_digest(ck)
+        if digest in digests:
+            raise ConfigError("client_api_keys: the same key appears twice; give each key one name")
+        digests.add(digest)
+
+
+def key_digest(ck: ClientKey) -> str:
+    """The SHA-256 hex digest of a client key, from ``key`` or as configured."""
+    if ck.key_sha256 is not None:
+        return ck.key_sha256.lower()
+    return hashlib.sha256((ck.key or "").encode()).hexdigest()
+
+
+def _check_limit_settings(settings: LimitSettings, where: str) -> None:
+    for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "max_concurrent"):
+        value = getattr(settings, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{where}.{name}: must be at least 1; remove it for no limit")
+    if settings.allowed_models is not None:
+        for j, pattern in enumerate(settings.allowed_models):
+            if not pattern.strip():
+                raise ConfigError(f"{where}.allowed_models[{j}]: empty pattern")
+
+
+def _check_jwt(jwt: ClientJwtConfig | None) -> None:
+    if jwt is None:
+        return
+    for key in ("issuer", "jwks_uri"):
+        url = getattr(jwt, key)
+        if url is not None and (urlsplit(url).scheme != "https" or not urlsplit(url).hostname):
+            raise ConfigError(f"client_jwt.{key}: expected an https:// URL; got {url!r}")
+    for key in ("audience", "identity_claim", "name_claim"):
+        if not getattr(jwt, key):
+            raise ConfigError(f"client_jwt.{key}: empty")
+    if not 0 <= jwt.leeway <= 300:
+        raise ConfigError("client_jwt.leeway: expected 0..300 seconds")
+    if jwt.fetch_timeout <= 0:
+        raise ConfigError("client_jwt.fetch_timeout: must be greater than 0")
+    labels: set[str] = set()
+    for i, policy in enumerate(jwt.policies):
+        where = f"client_jwt.policies[{i}]"
+        if not policy.claim or not policy.value:
+            raise ConfigError(f"{where}: claim and value must not be empty")
+        if policy.label in labels:
+            raise ConfigError(f"{where}.name: duplicate policy name {policy.label!r}")
+        labels.add(policy.label)
+        _check_limit_settings(policy, where)
+
+
+def _first_counted(config: Config) -> str | None:
+    """The first key or policy whose limits need counts kept, as a dotted key; or None."""
+    for i, ck in enumerate(config.client_api_keys):
+        if ck.counted():
+            return f"client_api_keys[{i}] ({ck.name})"
+    for i, policy in enumerate(config.client_jwt.policies if config.client_jwt else ()):
+        if policy.counted():
+            return f"client_jwt.policies[{i}] ({policy.label})"
+    return None
+
+
+def _check_limits(config: Config) -> None:
+    limits = config.limits
+    if not 0 < limits.redis_timeout <= 5:
+        raise ConfigError("limits.redis_timeout: expected more than 0 and at most 5 seconds")
+    if limits.redis_url is not None and urlsplit(limits.redis_url).scheme not in (
+        "redis",
+        "rediss",
+        "unix",
+    ):
+        raise ConfigError("limits.redis_url: expected redis://, rediss:// or unix://")
+    counted = _first_counted(config)
+    if counted and config.workers > 1 and limits.redis_url is None:
+        raise ConfigError(
+            f"limits.redis_url: required with workers = {config.workers}, because "
+            f"{counted} has counted limits: each worker would count alone and let "
+            f"{config.workers} times the limit through. Set limits.redis_url, or workers = 1"
+        )
 
 
 def _check_listeners(config: Config) -> None:

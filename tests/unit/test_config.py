@@ -366,13 +366,16 @@ def test_bad_toml_is_a_config_error(tmp_path: Path) -> None:
 
 def test_example_config_documents_every_key() -> None:
     example = (Path(__file__).parents[2] / "config.example.toml").read_text()
-    from claude_proxy.config import Config, _hints
+    from claude_proxy.config import Config, JwtPolicy, _hints, _strip_optional
 
     def keys(cls: Any, prefix: str) -> list[str]:
         out = []
         for name, tp in _hints(cls).items():
-            if dataclasses.is_dataclass(tp):  # a table: its keys
-                out += keys(tp, name + ".")
+            inner = _strip_optional(tp)
+            if dataclasses.is_dataclass(inner):  # a table: its keys
+                out += keys(inner, name + ".")
+            elif name == "policies":
+                out += keys(JwtPolicy, "client_jwt.policies.")
             else:
                 out.append(prefix + name)
         return out
