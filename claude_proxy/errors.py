@@ -11,6 +11,7 @@ retrying can help)::
         │   ├── Unauthorized            401  missing or wrong client key
         │   ├── Forbidden               403  a key or user not allowed this
         │   ├── ClientIdle              408  the client stopped sending its request
+        │   ├── PayloadTooLarge         413  a body over what the proxy must hold
         │   └── HeadersTooLarge         431  request head over the limits
         │       └── UriTooLong          414
         ├── UpstreamError               the upstream could not be used (retry helps)
@@ -90,6 +91,10 @@ class Forbidden(ClientError):
 class ClientIdle(ClientError):
     status = 408
     openai_code = "request_timeout"
+
+
+class PayloadTooLarge(ClientError):
+    status = 413
 
 
 class HeadersTooLarge(ClientError):

@@ -49,6 +49,9 @@ TTFB: Final = "claude_proxy_time_to_first_byte_seconds"
 BYTES_IN: Final = "claude_proxy_request_bytes"
 BYTES_OUT: Final = "claude_proxy_response_bytes"
 UPSTREAM_ERRORS: Final = "claude_proxy_upstream_errors"
+LIMIT_REFUSALS: Final = "claude_proxy_limit_refusals"
+LIMITS_STORE_ERRORS: Final = "claude_proxy_limits_store_errors"
+LIMITS_STORE_UP: Final = "claude_proxy_limits_store_up"
 IN_FLIGHT: Final = "claude_proxy_requests_in_flight"
 OPEN_STREAMS: Final = "claude_proxy_open_streams"
 TOKENS: Final = "claude_proxy_tokens"
@@ -177,6 +180,19 @@ class Metrics:
         self.upstream_errors = Counter(
             UPSTREAM_ERRORS, "Upstream failures, by kind", ["kind"], registry=r
         )
+        self.limit_refusals = Counter(
+            LIMIT_REFUSALS,
+            "Requests refused by a key's or user's limits, by limit",
+            ["limit"],
+            registry=r,
+        )
+        self.limits_store_errors = Counter(
+            LIMITS_STORE_ERRORS, "Failed calls to the Redis that holds limit counts", registry=r
+        )
+        self.limits_store_gauge = Gauge(
+            LIMITS_STORE_UP, "1 while the limit store answers (always 1 in-process)", registry=r
+        )
+        self.limits_store_gauge.set(1)
         self.tokens = Counter(
             TOKENS,
             "Model tokens reported by the upstream, by client key name, model and kind",
@@ -335,6 +351,17 @@ class Metrics:
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()
+
+    # limits.LimitObserver: labels from the bounded set of limit names, never a user
+
+    def limit_refused(self, limit: str) -> None:
+        self.limit_refusals.labels(limit).inc()
+
+    def limits_store_error(self) -> None:
+        self.limits_store_errors.inc()
+
+    def limits_store_up(self, up: bool) -> None:
+        self.limits_store_gauge.set(1 if up else 0)
 
 
 def exposition(metrics: Metrics) -> bytes:

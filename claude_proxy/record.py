@@ -34,7 +34,7 @@ class ExchangeRecord:
 
     request_id: str
     start_time: float  # wall clock (time.time()) when the request head was parsed
-    client_key: str  # a key's name, "open", "passthrough" or "rejected"; never a key
+    client_key: str  # a key's name, "jwt:<policy>", "open", "passthrough" or "rejected"
     client_addr: str
     method: str
     path: str  # the request target without its query
@@ -54,6 +54,7 @@ class ExchangeRecord:
     cache_write_tokens: int | None = None
     upstream_request_id: str | None = None  # apim-request-id, x-request-id or request-id
     user_agent: str | None = None
+    user: str | None = None  # a JWT user's name_claim (logs only: never a metric label)
     traceparent: str | None = None  # the client's W3C trace context, as sent
     upstream: str | None = None  # which upstream answered
     attempts: int = 1  # upstream attempts made (more than one after a retry or failover)

@@ -40,12 +40,13 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Protocol
 
 from . import headers as hdr
 from . import usage as usage_
-from .client_auth import PASSTHROUGH, REJECTED, authenticate, presented
+from .client_auth import PASSTHROUGH, REJECTED, Presented, presented
 from .errors import (
     BadRequest,
     ClientIdle,
     Family,
     InternalError,
+    PayloadTooLarge,
     ProxyError,
     Unauthorized,
     UpstreamClosed,
@@ -57,15 +58,18 @@ from .errors import (
     render_error,
 )
 from .flow import BUFFER_FULL, CLIENT_FULL, REQUEST_OWNERS, UPSTREAM_FULL, ReadGate
+from .identity import PASSTHROUGH_IDENTITY, Identity
+from .limits import model_of
 from .logs import log_access
 from .record import ExchangeRecord, Outcome
 from .usage import StreamReader
 
 if TYPE_CHECKING:
     from .batching import Batch
-    from .client_auth import KeyRing
     from .config import Config
     from .credentials import UpstreamAuth
+    from .identity import Authenticator
+    from .limits import Limiter, Permit
     from .metrics import Metrics
     from .telemetry import Telemetry
 
@@ -73,6 +77,8 @@ logger = logging.getLogger(__name__)
 
 # Request body held while the upstream connection is being opened, before reading pauses.
 PENDING_HIGH_WATER: Final = 256 * 1024
+# A body whose model must be read before it goes (allowed_models) is held whole up to this.
+HOLD_LIMIT: Final = 32 * 1024 * 1024
 # A request body up to this size is kept until the response starts, so that a request sent on
 # a pooled connection the upstream had just closed can be sent again on a new one.
 REPLAY_LIMIT: Final = 1024 * 1024
@@ -110,6 +116,17 @@ class Resp(enum.Enum):
 BUFFERING, BUFFERED, STREAMING, SENT = Req.BUFFERING, Req.BUFFERED, Req.STREAMING, Req.SENT
 DISCARDING, DISCARDED, ABANDONED = Req.DISCARDING, Req.DISCARDED, Req.ABANDONED
 WAITING, BODY, DONE, FAILED = Resp.WAITING, Resp.BODY, Resp.DONE, Resp.FAILED
+
+
+class Stage(enum.IntEnum):
+    """The start-up stages, in order; the first that must wait goes on in a task."""
+
+    IDENTIFY = 0
+    ADMIT = 1
+    CREDENTIAL = 2
+
+
+IDENTIFY, ADMIT, CREDENTIAL = Stage.IDENTIFY, Stage.ADMIT, Stage.CREDENTIAL
 READING: Final = frozenset({BUFFERING, STREAMING, DISCARDING})  # more body is to come
 REQUEST_FINAL: Final = frozenset({SENT, DISCARDED, ABANDONED})
 RESPONSE_FINAL: Final = frozenset({DONE, FAILED})
@@ -167,7 +184,8 @@ class Shared(Protocol):
     """What every exchange of a server shares (the server's ``ServerState``)."""
 
     config: Config
-    keyring: KeyRing
+    authenticator: Authenticator
+    limiter: Limiter | None
     auth: UpstreamAuth
     host_header: bytes
     prefix: bytes
@@ -193,6 +211,8 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "body_done",
+        "body_read",
         "bytes_in",
         "bytes_out",
         "chunked_out",
@@ -204,16 +224,19 @@ class Exchange:
         "family",
         "head",
         "head_method",
+        "identity",
         "interim",
         "key_name",
         "origin",
         "outcome",
         "pending",
         "pending_bytes",
+        "permit",
         "replay",
         "replay_bytes",
         "reply",
         "req",
+        "request_model",
         "resp",
         "response_scan",
         "sent_traceparent",
@@ -243,6 +266,11 @@ class Exchange:
         self.outcome: Outcome = "complete"
         self.origin: Literal["upstream", "proxy"] = "proxy"  # until an upstream head is relayed
         self.key_name: str | None = None
+        self.identity: Identity | None = None
+        self.permit: Permit | None = None  # admitted under limits: finished with the tokens
+        self.request_model: str | None = None
+        self.body_read: list[bytes] | None = None  # the raw body, kept only to read its model
+        self.body_done: asyncio.Future[None] | None = None
         self.credential: hdr.UpstreamCredential | None = None
         self.upstream: UpstreamSide | None = None
         self.upstream_head = b""
@@ -334,39 +362,127 @@ class Exchange:
     # ================================================================ start
 
     def start(self) -> None:
-        """Authenticate, pick the credential, and open the upstream; answer errors directly."""
-        shared = self.shared
-        head = self.head
+        """Identify the client, admit it under its limits, pick the upstream credential and
+        open the upstream. Each stage that can be decided now is; the first that must wait
+        (a signing key, Redis, the whole body for its model, a token) continues in a task."""
         try:
-            creds = presented(head.headers, head.scan.lnames)
-            self.key_name = authenticate(
-                creds, shared.keyring, shared.config.passthrough_unauthenticated
-            )
-            if self.key_name is not None:
-                credential = shared.auth.credential_now()
-                if credential is None:  # cold start: a token is on its way
-                    self._spawn(self._start_slow())
-                    return
-                self.credential = credential
-            self._build_upstream_head()
-        except Unauthorized as exc:
-            self.key_name = REJECTED
-            self.respond_error(exc)
-            return
+            creds = presented(self.head.headers, self.head.scan.lnames)
+            if not self._identify_now(creds):
+                self._spawn(self._start_slow(IDENTIFY, creds))
+            elif not self._admit_now():
+                self._spawn(self._start_slow(ADMIT, creds))
+            elif not self._credential_now():
+                self._spawn(self._start_slow(CREDENTIAL, creds))
+            else:
+                self._build_upstream_head()
+                self._open_upstream()
         except ProxyError as exc:
-            self.respond_error(exc)
-            return
-        self._open_upstream()
+            self._refuse(exc)
 
-    async def _start_slow(self) -> None:
+    async def _start_slow(self, stage: Stage, creds: Presented) -> None:
         try:
-            self.credential = await self.shared.auth.credential_wait()
+            if stage <= IDENTIFY:
+                self._identified(await self.shared.authenticator.identify(creds))
+            if stage <= ADMIT:
+                await self._admit_wait()
+            if stage <= CREDENTIAL and self.identity is not PASSTHROUGH_IDENTITY:
+                self.credential = await self.shared.auth.credential_wait()
         except ProxyError as exc:
             self.task = None
-            self.respond_error(exc)
+            self._refuse(exc)
             return
         self._build_upstream_head()
         await self._connect()
+
+    def _refuse(self, exc: ProxyError) -> None:
+        if isinstance(exc, Unauthorized):
+            self.key_name = REJECTED
+        self.respond_error(exc)
+
+    # ---------------------------------------------------------------- identity
+
+    def _identify_now(self, creds: Presented) -> bool:
+        identity = self.shared.authenticator.identify_now(creds)
+        if identity is None:
+            return False  # a token whose signing key must be fetched first
+        self._identified(identity)
+        return True
+
+    def _identified(self, identity: Identity) -> None:
+        self.identity = identity
+        self.key_name = identity.label
+
+    # ---------------------------------------------------------------- limits
+
+    def _needs_admission(self) -> bool:
+        identity = self.identity
+        return (
+            self.shared.limiter is not None
+            and identity is not None
+            and (identity.kind == "key" or identity.kind == "user")
+        )
+
+    def _needs_model(self) -> bool:
+        """The identity's allowed_models must see the request body's model before it goes."""
+        rules = self.identity.rules if self.identity is not None else None
+        return rules is not None and rules.settings.allowed_models is not None
+
+    def _admit_now(self) -> bool:
+        if not self._needs_admission():
+            return True
+        if self._needs_model() and self.req is BUFFERING:
+            self.body_read = []  # hold the whole body: its model decides
+            return False
+        limiter, identity = self.shared.limiter, self.identity
+        assert limiter is not None and identity is not None
+        permit = limiter.check_now(
+            identity.limit_kind,
+            identity.id,
+            identity.rules,
+            self._request_model(),
+            has_body=self._has_body(),
+            display=identity.name,
+        )
+        if permit is None:
+            return False  # Redis decides
+        self.permit = permit
+        return True
+
+    async def _admit_wait(self) -> None:
+        if not self._needs_admission():
+            return
+        if self.body_read is not None and self.req is BUFFERING:
+            self.body_done = asyncio.get_running_loop().create_future()
+            await self.body_done
+        limiter, identity = self.shared.limiter, self.identity
+        assert limiter is not None and identity is not None
+        self.permit = await limiter.check(
+            identity.limit_kind,
+            identity.id,
+            identity.rules,
+            self._request_model(),
+            has_body=self._has_body(),
+            display=identity.name,
+        )
+
+    def _has_body(self) -> bool:
+        return self.head.chunked or bool(self.head.scan.content_length)
+
+    def _request_model(self) -> str | None:
+        if self.request_model is None and self.body_read:
+            self.request_model = model_of(b"".join(self.body_read))
+        return self.request_model
+
+    # ---------------------------------------------------------------- upstream credential
+
+    def _credential_now(self) -> bool:
+        if self.identity is PASSTHROUGH_IDENTITY:
+            return True  # relayed untouched: the client's own credentials go
+        credential = self.shared.auth.credential_now()
+        if credential is None:
+            return False  # cold start: a token is on its way
+        self.credential = credential
+        return True
 
     def _build_upstream_head(self) -> None:
         shared = self.shared
@@ -458,11 +574,18 @@ class Exchange:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
             self._send_upstream(data)
         elif req is BUFFERING:
+            body_read = self.body_read
+            if body_read is not None:  # held whole, for its model
+                body_read.append(data)
+                if self.bytes_in > HOLD_LIMIT:
+                    self.close_after = True
+                    self.respond_error(PayloadTooLarge(_too_large(HOLD_LIMIT)))
+                    return
             if self.head.chunked:
                 data = b"%x\r\n%b\r\n" % (len(data), data)
             self.pending.append(data)
             self.pending_bytes += len(data)
-            if self.pending_bytes > PENDING_HIGH_WATER:
+            if self.pending_bytes > PENDING_HIGH_WATER and body_read is None:
                 self.client.gate.pause(BUFFER_FULL)
         elif req is DISCARDING:
             self.discarded += len(data)
@@ -482,6 +605,8 @@ class Exchange:
                 self.pending.append(block)
                 self.pending_bytes += len(block)
             self._to(req=BUFFERED)
+            if self.body_done is not None and not self.body_done.done():
+                self.body_done.set_result(None)  # the model can be read: admission goes on
         elif req is DISCARDING:
             self._to(req=DISCARDED)
 
@@ -755,7 +880,12 @@ class Exchange:
 
     def _finish(self) -> None:
         shared = self.shared
-        if shared.metrics is not None or shared.access_log or shared.telemetry is not None:
+        if (
+            shared.metrics is not None
+            or shared.access_log
+            or shared.telemetry is not None
+            or self.permit is not None
+        ):
             self.t_end = time.perf_counter()
             shared.batch.defer(self._account)  # once the last bytes are on their way
         self.client.exchange_finished(self)
@@ -804,12 +934,17 @@ class Exchange:
             traceparent=(
                 head.scan.traceparent.decode("latin-1") if head.scan.traceparent else None
             ),
+            request_model=self.request_model,
+            user=self.identity.name if self.identity is not None else None,
             attempts=self.attempts,
         )
 
     def _account(self) -> None:
         """Usage, metrics and the access line: after the response, never in its way."""
         rec = self.record(self.read_usage())
+        permit, self.permit = self.permit, None
+        if permit is not None:
+            permit.finish(rec.input_tokens, rec.output_tokens)
         if self.shared.metrics is not None:
             self.shared.metrics.observe_record(rec)
         if self.shared.access_log:
@@ -820,3 +955,10 @@ class Exchange:
 
 def _count(tokens: list[int] | None, i: int) -> int | None:
     return tokens[i] if tokens is not None and tokens[i] >= 0 else None
+
+
+def _too_large(limit: int) -> str:
+    return (
+        f"The request body is over {limit // (1024 * 1024)} MiB, the most this proxy holds "
+        "to read its model."
+    )

@@ -36,7 +36,6 @@ import httptools
 
 from .admin import AdminServer
 from .batching import Batched
-from .client_auth import KeyRing
 from .config import Config
 from .credentials import UpstreamAuth
 from .errors import (
@@ -49,6 +48,8 @@ from .errors import (
 )
 from .flow import PIPELINE, ReadGate
 from .headers import scan
+from .identity import Authenticator, JwtValidator
+from .limits import Limiter, needs_limiter
 from .logs import flush_handlers
 from .metrics import Metrics, exposition
 from .relay import ABANDONED, Exchange, RequestHead
@@ -89,7 +90,12 @@ class ServerState:
         self.config = config
         self.metrics = metrics
         self.telemetry = telemetry
-        self.keyring = KeyRing(config.client_keys())
+        self.validator = JwtValidator(config.client_jwt) if config.client_jwt else None
+        self.authenticator = Authenticator(config, self.validator)
+        self.limiter: Limiter | None = None
+        if needs_limiter(config):
+            self.limiter = Limiter(config.limits, observer=metrics)
+            self.limiter.preload(config.client_keys())
         self.auth = auth
         self.pool = pool
         self.origin = pool.origin
@@ -122,14 +128,28 @@ class ServerState:
 
     def reload(self, config: Config) -> None:
         """Take new client keys and log settings without touching open connections."""
+        if config.client_jwt != self.config.client_jwt:
+            old, self.validator = (
+                self.validator,
+                (JwtValidator(config.client_jwt) if config.client_jwt else None),
+            )
+            if old is not None:
+                self.spawn(old.close())
         self.config = config
-        self.keyring = KeyRing(config.client_keys())
+        self.authenticator = Authenticator(config, self.validator)
+        if self.limiter is not None:
+            self.limiter.preload(config.client_keys())
         self._update_logging()
 
     def _update_logging(self) -> None:
         access = logging.getLogger("claude_proxy.access")
         self.access_log = access.isEnabledFor(logging.INFO) and not access.disabled
-        self.read_usage = self.access_log or self.metrics is not None or self.telemetry is not None
+        self.read_usage = (
+            self.access_log
+            or self.metrics is not None
+            or self.telemetry is not None
+            or self.limiter is not None
+        )
 
     def in_flight(self) -> int:
         return sum(1 for c in self.connections if c.active is not None)
@@ -389,13 +409,13 @@ class ClientConnection(Batched, asyncio.Protocol):
         self.active = exchange
         if queued is None or self.reading is queued:
             self.reading = exchange  # its body (or the rest of it) comes from the parser
+        self._enter(EXCHANGE)
+        exchange.start()
         if queued is not None:
-            for part in queued.body:  # held before it starts, as if it had just arrived
+            for part in queued.body:  # what was read of it, as if it had just arrived
                 exchange.on_request_body(part)
             if queued.complete:
                 exchange.on_request_complete(queued.trailers)
-        self._enter(EXCHANGE)
-        exchange.start()
 
     def exchange_finished(self, exchange: Exchange) -> None:
         if exchange is not self.active:
@@ -602,6 +622,8 @@ class ProxyServer:
                 lambda: 1.0 if self.readiness()[0] else 0.0,
             )
         await self.auth.start()
+        if state.validator is not None:
+            state.spawn(state.validator.refresh())  # the issuer's keys, before the first token
         loop = asyncio.get_running_loop()
         factory = lambda: ClientConnection(state)  # noqa: E731
         if config.tls.mode == "manual":
@@ -638,6 +660,7 @@ class ProxyServer:
                 config.admin.port,
                 lambda: self._exposition(metrics),
                 self.readiness,
+                usage=state.limiter.usage if state.limiter is not None else None,
             )
             await self.admin.start()
         self._sweeper = loop.create_task(self._sweep())
@@ -742,6 +765,10 @@ class ProxyServer:
         state.batch.run_deferred()  # the last requests' metrics and access lines
         if self.telemetry is not None:
             await self.telemetry.aclose(5.0)  # bounded, even with the collector down
+        if state.limiter is not None:
+            await state.limiter.close()  # the last token counts reach Redis
+        if state.validator is not None:
+            await state.validator.close()
         if self.metrics is not None:
             self.metrics.refresh()  # with several workers: the last second's counts
         if self.admin is not None:

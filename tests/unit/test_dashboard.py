@@ -45,6 +45,8 @@ def exported() -> dict[str, set[str]]:
     metrics.upstream_error("closed")
     metrics.acquisitions.inc()
     metrics.failures.inc()
+    metrics.limit_refused("requests_per_minute")
+    metrics.limits_store_error()
     metrics.fold()
     names: dict[str, set[str]] = {}
     for family in metrics.registry.collect():
