@@ -108,6 +108,13 @@ def open_relay_warning(config: Config) -> str | None:
     )
 
 
+def _reason(exc: OSError) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed ('h', 1)``."""
+    if not isinstance(exc, socket.gaierror) and exc.errno:
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 async def upstream_problem(
     url: str, timeout: float, context: ssl.SSLContext | None = None
 ) -> tuple[str | None, str]:
@@ -124,8 +131,8 @@ async def upstream_problem(
     except TimeoutError:
         return f"no TCP connection to {where} within {timeout:g}s (connect_timeout)", "timeout"
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        return f"cannot connect to {where}: {reason} (check upstream_url, DNS, firewall)", "failed"
+        advice = "check upstream_url, DNS, firewall"
+        return f"cannot connect to {where}: {_reason(exc)} ({advice})", "failed"
     tcp_ms = (time.monotonic() - started) * 1000
     try:
         if not origin.tls:
