@@ -644,6 +644,9 @@ async def _probe(
     except (aiohttp.ClientError, TimeoutError) as exc:
         report.problem("probe", "probe", describe_credential_error(exc))
         return
+    finally:
+        # aiohttp closes the session's sockets a loop turn later; check's loop ends right after
+        await asyncio.sleep(0)
     seen = f"POST {path} -> {response.status} {' '.join(text.split())[:200]}"
     if response.status < 400:
         report.line("probe", seen)
