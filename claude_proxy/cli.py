@@ -543,6 +543,13 @@ def _check_local(config: Config, report: CheckReport) -> None:
         report.problem("log path", "logging.log_path", log)
     else:
         report.line("log path", f"{config.logging.log_path or '(stdout)'} writable")
+    access = config.logging.access_log_path
+    if access:
+        problem = checks.log_path_problem(access)
+        if problem:
+            report.problem("access log", "logging.access_log_path", problem)
+        else:
+            report.line("access log", f"{access} writable")
     relay = checks.open_relay_warning(config)
     if relay:
         report.warning("client_api_keys", relay)

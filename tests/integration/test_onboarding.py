@@ -205,15 +205,20 @@ def test_check_json_tls_files(
     assert code == EXIT_CHECK_FAILED and problem_keys(report) == ["tls.cert_path"]
 
 
+@pytest.mark.parametrize("key", ["logging.log_path", "logging.access_log_path"])
 def test_check_json_log_path(
-    tmp_path: Path, upstream: RawUpstream, keys_env: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    upstream: RawUpstream,
+    keys_env: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    key: str,
 ) -> None:
     (tmp_path / "a-file").write_text("")
-    path = write_config(tmp_path, upstream.url)
-    code, report = check_json(
-        ["-c", str(path), "--log-path", str(tmp_path / "a-file/logs")], capsys
-    )
-    assert code == EXIT_CHECK_FAILED and problem_keys(report) == ["logging.log_path"]
+    variable = "CLAUDE_PROXY__" + key.upper().replace(".", "__")
+    monkeypatch.setenv(variable, str(tmp_path / "a-file/logs"))
+    code, report = check_json(["-c", str(write_config(tmp_path, upstream.url))], capsys)
+    assert code == EXIT_CHECK_FAILED and problem_keys(report) == [key]
     assert "not a directory" in report["problems"][0]["message"]
 
 
