@@ -92,8 +92,9 @@ def log_path_problem(log_path: str | None) -> str | None:
 
 
 def open_relay_warning(config: Config) -> str | None:
-    """No client keys while other machines can reach the listener: anyone spends the quota."""
-    if config.client_keys():
+    """No client keys (nor client JWTs) while other machines can reach the listener: anyone
+    spends the quota."""
+    if config.client_keys() or config.client_jwt is not None:
         return None
     host = config.bind_address
     try:

@@ -217,11 +217,16 @@ def run_env(args: argparse.Namespace, config: Config) -> int:
     key = client_env.PLACEHOLDER
     if args.key is not None:
         names = [k.name for k in config.client_keys()]
-        found = [k.key for k in config.client_keys() if k.name == args.key]
+        found = [k for k in config.client_keys() if k.name == args.key]
         if not found:
             known = ", ".join(names) if names else "none (any key works: none is checked)"
             return _env_error(f"--key: no client key named {args.key!r}; configured: {known}")
-        key = found[0]
+        if found[0].key is None:
+            return _env_error(
+                f"--key: {args.key!r} is configured by its digest (key_sha256), so the proxy "
+                "does not know the key; leave out --key and fill in the placeholder"
+            )
+        key = found[0].key
     if args.url is not None and not re.match(r"https?://[^/\s]+", args.url):
         return _env_error(f"--url: expected http(s)://host[:port][/prefix]; got {args.url!r}")
     try:

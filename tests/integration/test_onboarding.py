@@ -3,6 +3,7 @@ keys from a file that is rotated while the proxy runs (a real process)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -87,6 +88,20 @@ def test_env_unknown_key_names_the_configured_ones(
     assert code == EXIT_CONFIG_ERROR and out == ""
     assert "no client key named 'bob'; configured: default, alice" in err
     assert ALICE_KEY not in err
+
+
+def test_env_key_known_only_by_its_digest(
+    foundry_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    digest = hashlib.sha256(b"some-key").hexdigest()
+    text = foundry_config.read_text()
+    foundry_config.write_text(
+        text.replace("}]", f'}}, {{ name = "hashed", key_sha256 = "{digest}" }}]')
+    )
+    code, out, err = run_main(
+        ["env", "shell", "-c", str(foundry_config), "--key", "hashed"], capsys
+    )
+    assert code == EXIT_CONFIG_ERROR and out == "" and "key_sha256" in err
 
 
 def test_env_url_and_port_flags(foundry_config: Path, capsys: pytest.CaptureFixture[str]) -> None:

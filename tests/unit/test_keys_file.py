@@ -13,6 +13,15 @@ from claude_proxy.errors import ConfigError
 EXAMPLE = Path(__file__).parents[2] / "config.example.toml"
 
 
+def test_keys_file_takes_digests_and_limits_as_inline_keys_do() -> None:
+    digest = "ab" * 32
+    text = f'[[client_api_keys]]\nname = "a"\nkey_sha256 = "{digest}"\nrequests_per_minute = 5\n'
+    (ck,) = parse_keys_file(text, "f")
+    assert (ck.key, ck.key_sha256, ck.requests_per_minute) == (None, digest, 5)
+    with pytest.raises(ConfigError, match=r"client_api_keys\[0\]: give key or key_sha256"):
+        parse_keys_file(text.replace("requests", 'key = "k"\nrequests'), "f")
+
+
 def test_keys_file_entries() -> None:
     entry = '[[client_api_keys]]\nname = "{}"\nkey = "{}"\n'
     text = entry.format("a", "k-a") + entry.format("b", "$k")
