@@ -6,19 +6,31 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup run demo test test-fast check bench bench-smoke clean
 
+# One line per step. The filter hides setuptools' notice that every editable install prints.
+PIP := PYTHONWARNINGS="ignore:Editable installation:UserWarning" $(BIN)/python -m pip \
+	--disable-pip-version-check -q
+
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || \
+		{ echo "setup: claude-proxy needs Python >= 3.11; try: make PYTHON=python3.12 $(MAKECMDGOALS)"; exit 1; }
+	@echo "setup 1/3: creating $(VENV) with $$($(PYTHON) --version)"
+	@$(PYTHON) -m venv $(VENV)
+	@echo "setup 2/3: updating pip in $(VENV)"
+	@$(PIP) install --upgrade pip
+	@echo "setup 3/3: installing claude-proxy and its test tools into $(VENV) (a minute the first time)"
+	@$(PIP) install -e '.[dev]'
+	@touch $(STAMP)
+	@echo "setup done: $(BIN)/claude-proxy"
 
 setup: $(STAMP)
 
 # With a config file (or CLAUDE_PROXY__UPSTREAM_URL) this runs the proxy; without, the demo.
 run: setup
 	@if $(BIN)/python -m claude_proxy.discovery; then \
+		echo "run: a config was found: starting claude-proxy"; \
 		exec $(BIN)/claude-proxy $(ARGS); \
 	else \
+		echo "run: no config found (see config.example.toml): starting the demo"; \
 		exec $(BIN)/claude-proxy demo $(ARGS); \
 	fi
 

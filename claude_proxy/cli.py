@@ -1,4 +1,4 @@
-"""Command line: ``claude-proxy [serve]``, ``check``, ``demo``, ``mock`` and ``hash-key``.
+"""Command line: ``claude-proxy [serve]``, ``check``, ``env``, ``demo``, ``mock`` and ``hash-key``.
 
 Flags default to "not given" and override the file and environment. Signal handlers live here
 and nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads client keys and log level.
@@ -10,23 +10,29 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import stat
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+import tomllib
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import __version__, supervisor
+from . import __version__, checks, client_env, supervisor
 from .client_auth import hash_key
 from .config import (
     Config,
     Loaded,
     UpstreamAuthConfig,
+    keys_file_path,
+    literal_secrets,
     load_config,
     walk_secrets,
 )
@@ -100,6 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="path for --probe (default /anthropic/v1/messages on Azure hosts)",
     )
+    check.add_argument(
+        "--json", action="store_true", help="print one JSON object: ok, problems, warnings"
+    )
+    env = sub.add_parser("env", help="print settings that point a client at this proxy")
+    env.add_argument("target", choices=client_env.TARGETS, help="the client to set up")
+    _config_flags(env)
+    env.add_argument("--key", metavar="NAME", help="print the value of this configured key")
+    env.add_argument("--url", help="the proxy's URL as clients reach it (e.g. a load balancer)")
+    env.add_argument(
+        "--write",
+        action="store_true",
+        help="merge into ~/.claude/settings.json, keeping a backup (claude-code targets only)",
+    )
     demo = sub.add_parser("demo", help="run the proxy in front of the bundled Foundry mock")
     demo.add_argument("-p", "--port", type=int, default=8080)
     demo.add_argument("-v", "--verbose", action="store_true")
@@ -131,10 +150,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         loaded = load_config(getattr(args, "config", None), overrides_from(args))
     except ConfigError as exc:
+        if args.command == "check" and args.json:
+            print(json.dumps(config_error_report(exc)))
         print(f"claude-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if args.command == "check":
         return run_check(args, loaded)
+    if args.command == "env":
+        return run_env(args, loaded.config)
     worker = supervisor.worker_sockets()
     log_config = loaded.config.logging
     if worker is not None and log_config.log_path:
@@ -181,10 +204,144 @@ def run_check(args: argparse.Namespace, loaded: Loaded) -> int:
     try:
         # The standard loop: check may spawn az, whose pipes uvloop reports after closing.
         probe = getattr(args, "probe", None)
-        return run(check(loaded, probe, getattr(args, "probe_path", None)), uvloop=False)
+        probe_path = getattr(args, "probe_path", None)
+        return run(check(loaded, probe, probe_path, as_json=args.json), uvloop=False)
     finally:
         for lg, level in zip(loggers, saved, strict=True):
             lg.setLevel(level)
+
+
+def run_env(args: argparse.Namespace, config: Config) -> int:
+    """``claude-proxy env TARGET``: print (or ``--write``) a client's settings for this proxy."""
+    target: client_env.Target = args.target
+    key = client_env.PLACEHOLDER
+    if args.key is not None:
+        names = [k.name for k in config.client_keys()]
+        found = [k for k in config.client_keys() if k.name == args.key]
+        if not found:
+            known = ", ".join(names) if names else "none (any key works: none is checked)"
+            return _env_error(f"--key: no client key named {args.key!r}; configured: {known}")
+        if found[0].key is None:
+            return _env_error(
+                f"--key: {args.key!r} is configured by its digest (key_sha256), so the proxy "
+                "does not know the key; leave out --key and fill in the placeholder"
+            )
+        key = found[0].key
+    if args.url is not None and not re.match(r"https?://[^/\s]+", args.url):
+        return _env_error(f"--url: expected http(s)://host[:port][/prefix]; got {args.url!r}")
+    try:
+        base = client_env.base_url(config, args.url)
+    except ValueError as exc:
+        return _env_error(str(exc))
+    if not args.write:
+        print(client_env.render(target, config, base, key), end="")
+        return EXIT_OK
+    if target not in client_env.OVERRIDDEN:
+        return _env_error(
+            f"--write is offered for claude-code and claude-code-foundry only: {target}'s "
+            "file would lose its comments and layout in a merge; paste the printed lines instead"
+        )
+    env = client_env.claude_code_env(
+        config, base, key, foundry_mode=target == "claude-code-foundry"
+    )
+    try:
+        written, backup, removed = write_claude_settings(
+            Path.home() / ".claude" / "settings.json", env, client_env.OVERRIDDEN[target]
+        )
+    except (OSError, client_env.SettingsError) as exc:
+        return _env_error(f"--write: {exc}")
+    print(f"wrote {', '.join(env)} into {written}")
+    if backup is not None:
+        print(f"the previous version is in {backup}")
+    if removed:
+        print(f"removed {', '.join(removed)} (it would make Claude Code ignore these settings)")
+    return EXIT_OK
+
+
+def _env_error(message: str) -> int:
+    print(f"claude-proxy env: {message}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+
+def write_claude_settings(
+    path: Path, env: dict[str, str], remove: tuple[str, ...]
+) -> tuple[Path, Path | None, list[str]]:
+    """Merge ``env`` into the settings file at ``path`` and replace it atomically (mode 600:
+    it holds a key), after copying the old one aside. Returns (path, backup, names removed)."""
+    existing = path.read_text(encoding="utf-8") if path.exists() else None
+    try:
+        text, removed = client_env.merge_settings(existing, env, remove)
+    except client_env.SettingsError as exc:
+        raise client_env.SettingsError(f"{path} is {exc}") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backup = None
+    if existing is not None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = path.with_name(f"{path.name}.{stamp}.bak")
+        n = 1
+        while backup.exists():
+            backup = path.with_name(f"{path.name}.{stamp}-{n}.bak")
+            n += 1
+        shutil.copy2(path, backup)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path, backup, removed
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is rewritten or a Secret volume swaps its symlink."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+async def watch_keys_file(path: Path, interval: float, on_change: Callable[[], None]) -> None:
+    """Call ``on_change`` (the SIGHUP reload) each time ``path`` changes; poll every
+    ``interval`` seconds. A reload that fails is logged by ``on_change`` once per change."""
+    seen = _file_signature(path)
+    while True:
+        await asyncio.sleep(interval)
+        now = _file_signature(path)
+        if now == seen:
+            continue
+        seen = now
+        logger.info("client_api_keys_file %s changed: reloading", path)
+        try:
+            on_change()
+        except Exception:  # the watcher must outlive one bad reload
+            logger.exception("reloading after a change of %s failed", path)
+
+
+@contextlib.asynccontextmanager
+async def keys_file_watcher(config: Config, on_change: Callable[[], None]) -> AsyncIterator[None]:
+    """While inside, a task owned here watches ``client_api_keys_file`` (when one is set)."""
+    path = keys_file_path({"client_api_keys_file": config.client_api_keys_file})
+    if path is None:
+        yield
+        return
+    interval = config.client_api_keys_file_interval
+    task = asyncio.get_running_loop().create_task(watch_keys_file(path, interval, on_change))
+
+    def died(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            logger.error("the watcher of %s stopped: %r", path, t.exception())
+
+    task.add_done_callback(died)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
@@ -205,19 +362,35 @@ def run(coro: Coroutine[Any, Any, int], *, uvloop: bool = True) -> int:
 
 
 def warn_if_readable(path: Path | None) -> None:
-    """Warn when a config file that may hold secrets is readable by other users."""
+    """Warn when a config file that writes secrets out literally is readable by other users.
+
+    Secrets taken from the environment (``key = "${VAR}"``) are not in the file, so such a
+    file may be world-readable (a ConfigMap, a file in a repository).
+    """
     if path is None or os.name != "posix":
         return
-    with contextlib.suppress(OSError):
+    try:
         mode = path.stat().st_mode
-        if mode & (stat.S_IRGRP | stat.S_IROTH):
-            logger.warning(
-                "config file %s is readable by other users (mode %o); if it holds secrets, "
-                "run: chmod 600 %s",
-                path,
-                stat.S_IMODE(mode),
-                path,
-            )
+        if not mode & (stat.S_IRGRP | stat.S_IROTH):
+            return
+        with path.open("rb") as fh:
+            found = literal_secrets(tomllib.load(fh))
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    if found:
+        uid = os.getuid()
+        logger.warning(
+            "config file %s writes out secrets (%s) and is readable by other users (mode %o); "
+            'take them from the environment instead (api_key = "${UPSTREAM_API_KEY}"), or '
+            "let only the proxy's user read it: chown %d %s && chmod 600 %s "
+            "(the container image runs as uid 10001)",
+            path,
+            ", ".join(found),
+            stat.S_IMODE(mode),
+            uid,
+            path,
+            path,
+        )
 
 
 def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
@@ -309,50 +482,139 @@ async def serve(
 
     stop = asyncio.Event()
     _install_signals(stop, on_hup)
-    await stop.wait()
+    async with keys_file_watcher(config, on_hup):
+        await stop.wait()
     logger.info("shutting down: draining for up to %gs", config.shutdown_timeout)
     drained = await server.shutdown()
     logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
     return EXIT_OK
 
 
-async def check(loaded: Loaded, probe: str | None, probe_path: str | None) -> int:
-    """Validate, obtain a credential, optionally probe; print what a person needs to know."""
-    config = loaded.config
-    out = print
-    out(f"config file:  {loaded.path or '(none: environment and flags)'}")
-    out(f"upstream:     {config.upstream_url}")
-    out(f"auth type:    {config.upstream_auth.type}")
-    keys = config.client_keys()
-    out(f"client keys:  {len(keys)} ({', '.join(k.name for k in keys) or 'none'})")
-    auth = make_auth(config.upstream_auth)
-    ok = True
-    if isinstance(auth, TokenAuth):
-        out(f"scope:        {auth.scope}")
-        started = time.monotonic()
-        await auth.start()
-        await auth.wait_ready()
-        status = auth.status()
-        if auth.ready():
-            expires = status["expires_on"]
-            when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
-            out(
-                f"token:        obtained in {time.monotonic() - started:.1f}s, "
-                f"expires in {status['expires_in']}s ({when})"
-            )
-            out(f"audience:     {status.get('audience') or '(not a JWT; cannot tell)'}")
+class CheckReport:
+    """What ``check`` found: lines for a person as they come, or one JSON object at the end."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.problems: list[dict[str, str]] = []
+        self.warnings: list[dict[str, str]] = []
+
+    def line(self, label: str, text: str) -> None:
+        if not self.as_json:
+            print(f"{label + ':':<14}{text}", flush=True)
+
+    def problem(self, label: str, key: str, message: str) -> None:
+        self.problems.append({"key": key, "message": message})
+        self.line(label, f"FAILED: {message}")
+
+    def warning(self, key: str, message: str) -> None:
+        self.warnings.append({"key": key, "message": message})
+        self.line("warning", message)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "problems": self.problems, "warnings": self.warnings}
+
+
+_CONFIG_KEY = re.compile(r"(--config|[A-Za-z_][\w.\[\]]*)(?: \([^)]*\))?: ")
+
+
+def config_error_report(exc: ConfigError) -> dict[str, object]:
+    """``check --json``'s object for a config that does not load."""
+    match = _CONFIG_KEY.match(str(exc))
+    key = match.group(1) if match else "config"
+    return {"ok": False, "problems": [{"key": key, "message": str(exc)}], "warnings": []}
+
+
+def _check_local(config: Config, report: CheckReport) -> None:
+    """What ``serve`` needs on this machine: its ports, TLS files and log directory."""
+    labels = {"port": "listen", "tls.https_port": "https listen", "admin.port": "admin listen"}
+    for key, host, port in checks.listeners(config):
+        bind = checks.bind_problem(host, port)
+        if bind:
+            report.problem(labels[key], key, bind)
         else:
-            out(f"token:        FAILED: {status.get('error', 'unknown error')}")
-            ok = False
+            report.line(labels[key], f"{host}:{port} " + ("free" if port else "(chosen at start)"))
+    if config.tls.mode == "manual":
+        tls = checks.tls_problem(config)
+        if tls:
+            report.problem("tls files", "tls.cert_path", tls)
+        else:
+            report.line("tls files", f"{config.tls.cert_path} and {config.tls.key_path} load")
+    log = checks.log_path_problem(config.logging.log_path)
+    if log:
+        report.problem("log path", "logging.log_path", log)
     else:
+        report.line("log path", f"{config.logging.log_path or '(stdout)'} writable")
+    access = config.logging.access_log_path
+    if access:
+        problem = checks.log_path_problem(access)
+        if problem:
+            report.problem("access log", "logging.access_log_path", problem)
+        else:
+            report.line("access log", f"{access} writable")
+    relay = checks.open_relay_warning(config)
+    if relay:
+        report.warning("client_api_keys", relay)
+
+
+async def check(
+    loaded: Loaded, probe: str | None, probe_path: str | None, *, as_json: bool = False
+) -> int:
+    """Validate, try what ``serve`` will need, obtain a credential, optionally probe."""
+    config = loaded.config
+    report = CheckReport(as_json)
+    report.line("config file", str(loaded.path or "(none: environment and flags)"))
+    report.line("upstream", config.upstream_url)
+    report.line("auth type", config.upstream_auth.type)
+    keys = config.client_keys()
+    report.line("client keys", f"{len(keys)} ({', '.join(k.name for k in keys) or 'none'})")
+    _check_local(config, report)
+    unreachable, seen = await checks.upstream_problem(config.upstream_url, config.connect_timeout)
+    if unreachable:
+        report.problem("connect", "upstream_url", unreachable)
+    else:
+        report.line("connect", seen)
+    auth = make_auth(config.upstream_auth)
+    try:
+        usable = await _check_credential(config, auth, report)
+        if usable and probe and not unreachable:
+            await _probe(config, auth, probe, probe_path, report)
+    finally:
+        await auth.close()
+    report.line("result", "OK" if report.ok else "NOT USABLE")
+    if as_json:
+        print(json.dumps(report.as_dict()), flush=True)
+    return EXIT_OK if report.ok else EXIT_CHECK_FAILED
+
+
+async def _check_credential(config: Config, auth: UpstreamAuth, report: CheckReport) -> bool:
+    if not isinstance(auth, TokenAuth):
         problem = _api_key_problem(config.upstream_auth)
-        out(f"api key:      {problem or 'present'}")
-        ok = problem is None
-    if ok and probe:
-        ok = await _probe(config, auth, probe, probe_path)
-    await auth.close()
-    out("result:       " + ("OK" if ok else "NOT USABLE"))
-    return EXIT_OK if ok else EXIT_CHECK_FAILED
+        if problem:
+            report.problem("api key", "upstream_auth.api_key", problem)
+        else:
+            report.line("api key", "present")
+        return problem is None
+    report.line("scope", auth.scope)
+    started = time.monotonic()
+    await auth.start()
+    await auth.wait_ready()
+    status = auth.status()
+    if not auth.ready():
+        report.problem("token", "upstream_auth", str(status.get("error", "unknown error")))
+        return False
+    expires = status["expires_on"]
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
+    report.line(
+        "token",
+        f"obtained in {time.monotonic() - started:.1f}s, "
+        f"expires in {status['expires_in']}s ({when})",
+    )
+    report.line("audience", str(status.get("audience") or "(not a JWT; cannot tell)"))
+    return True
 
 
 def _api_key_problem(auth: UpstreamAuthConfig) -> str | None:
@@ -366,9 +628,9 @@ def _api_key_problem(auth: UpstreamAuthConfig) -> str | None:
     return None
 
 
-async def _probe(config: Config, auth: UpstreamAuth, model: str, path: str | None) -> bool:
-    import json
-
+async def _probe(
+    config: Config, auth: UpstreamAuth, model: str, path: str | None, report: CheckReport
+) -> None:
     import aiohttp
 
     from .upstream import Origin
@@ -392,10 +654,16 @@ async def _probe(config: Config, auth: UpstreamAuth, model: str, path: str | Non
         ):
             text = (await response.text())[:300]
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(f"probe:        FAILED: {describe_credential_error(exc)}")
-        return False
-    print(f"probe:        POST {path} -> {response.status} {' '.join(text.split())[:200]}")
-    return response.status < 400
+        report.problem("probe", "probe", describe_credential_error(exc))
+        return
+    finally:
+        # aiohttp closes the session's sockets a loop turn later; check's loop ends right after
+        await asyncio.sleep(0)
+    seen = f"POST {path} -> {response.status} {' '.join(text.split())[:200]}"
+    if response.status < 400:
+        report.line("probe", seen)
+    else:
+        report.problem("probe", "probe", seen)
 
 
 async def demo(port: int, verbose: bool) -> int:

@@ -187,6 +187,9 @@ class Config:
     port: int = 8080
     client_api_key: str | None = field(default=None, repr=False)
     client_api_keys: tuple[ClientKey, ...] = ()
+    # A TOML file of more [[client_api_keys]] (a mounted Secret), re-read when it changes.
+    client_api_keys_file: str | None = None
+    client_api_keys_file_interval: float = 5.0
     client_jwt: ClientJwtConfig | None = None
     limits: LimitsConfig = LimitsConfig()
     passthrough_unauthenticated: bool = True
@@ -468,6 +471,7 @@ def _check(config: Config) -> None:
         "keepalive_timeout",
         "pool_idle_timeout",
         "shutdown_timeout",
+        "client_api_keys_file_interval",
     ):
         if getattr(config, key) <= 0:
             raise ConfigError(f"{key}: must be greater than 0")
@@ -501,26 +505,33 @@ def _check_keys(config: Config) -> None:
     names: set[str] = set()
     digests: set[str] = set()
     for i, ck in enumerate(config.client_api_keys):
-        where = f"client_api_keys[{i}]"
-        if ck.key is not None and ck.key_sha256 is not None:
-            raise ConfigError(f"{where}: give key or key_sha256, not both")
-        if ck.key_sha256 is not None and not _SHA256_HEX.match(ck.key_sha256.lower()):
-            raise ConfigError(
-                f"{where}.key_sha256: expected 64 hex digits (claude-proxy hash-key prints them)"
-            )
-        if ck.key is None and ck.key_sha256 is None:
-            raise ConfigError(f"{where}.key: required; or key_sha256 (from claude-proxy hash-key)")
-        if ck.key == "":
-            raise ConfigError(f"{where}.key: empty")
-        _check_limit_settings(ck, where)
+        check_key_entry(ck, f"client_api_keys[{i}]")
     for i, ck in enumerate(config.client_keys()):
         if ck.name in names:
-            raise ConfigError(f"client_api_keys[{i}].name: duplicate name {ck.name!r}")
+            raise ConfigError(
+                f"client_api_keys[{i}].name: duplicate name {ck.name!r}; names must be unique "
+                "across client_api_key (named default), client_api_keys and client_api_keys_file"
+            )
         names.add(ck.name)
         digest = key_digest(ck)
         if digest in digests:
             raise ConfigError("client_api_keys: the same key appears twice; give each key one name")
         digests.add(digest)
+
+
+def check_key_entry(ck: ClientKey, where: str) -> None:
+    """One ``[[client_api_keys]]`` entry, inline or from ``client_api_keys_file``."""
+    if ck.key is not None and ck.key_sha256 is not None:
+        raise ConfigError(f"{where}: give key or key_sha256, not both")
+    if ck.key_sha256 is not None and not _SHA256_HEX.match(ck.key_sha256.lower()):
+        raise ConfigError(
+            f"{where}.key_sha256: expected 64 hex digits (claude-proxy hash-key prints them)"
+        )
+    if ck.key is None and ck.key_sha256 is None:
+        raise ConfigError(f"{where}.key: required; or key_sha256 (from claude-proxy hash-key)")
+    if ck.key == "":
+        raise ConfigError(f"{where}.key: empty")
+    _check_limit_settings(ck, where)
 
 
 def key_digest(ck: ClientKey) -> str:
@@ -650,11 +661,63 @@ def _otel_defaults(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         table["otlp_endpoint"] = endpoint
 
 
-def parse(raw: Mapping[str, Any]) -> Config:
-    """Validate an already merged mapping into a :class:`Config`."""
+def parse(raw: Mapping[str, Any], file_keys: tuple[ClientKey, ...] = ()) -> Config:
+    """Validate an already merged mapping into a :class:`Config`.
+
+    ``file_keys``: the keys read from ``client_api_keys_file``, appended to the inline ones
+    before the keys are checked (so a name used in both places is an error).
+    """
     config: Config = _build(Config, raw, "")
+    if file_keys:
+        config = dataclasses.replace(config, client_api_keys=config.client_api_keys + file_keys)
     _check(config)
     return config
+
+
+def parse_keys_file(text: str, where: str) -> tuple[ClientKey, ...]:
+    """The ``[[client_api_keys]]`` entries of a keys file's ``text``; ``where`` names it in
+    errors. Values are taken literally (a mounted Secret holds the keys themselves). A file
+    without entries is an error: a rotation gone wrong must not leave the proxy open."""
+    prefix = f"client_api_keys_file ({where})"
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{prefix}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"client_api_keys"})
+    if unknown:
+        raise ConfigError(
+            f"{prefix}: unknown key {unknown[0]!r}; expected only [[client_api_keys]] entries"
+        )
+    entries = data.get("client_api_keys", [])
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(
+            f"{prefix}: no [[client_api_keys]] entries; write one table per key, "
+            'with name = "..." and key = "..."'
+        )
+    keys = _convert(entries, tuple[ClientKey, ...], f"{prefix}: client_api_keys", secret=True)
+    for i, ck in enumerate(keys):
+        check_key_entry(ck, f"{prefix}: client_api_keys[{i}]")
+    return tuple(keys)
+
+
+def read_keys_file(path: Path) -> tuple[ClientKey, ...]:
+    """Read and validate ``client_api_keys_file``."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"client_api_keys_file: cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"client_api_keys_file ({path}): not UTF-8 text") from None
+    return parse_keys_file(text, str(path))
+
+
+def keys_file_path(raw: Mapping[str, Any]) -> Path | None:
+    value = raw.get("client_api_keys_file")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"client_api_keys_file: expected a file path; got {_describe(value)}")
+    return Path(value).expanduser()
 
 
 def read_file(path: Path, env: Mapping[str, str]) -> dict[str, Any]:
@@ -693,7 +756,38 @@ def load_config(
             + "; ".join(searched)
             + ". Copy config.example.toml to config.toml, or pass --config"
         )
-    return Loaded(parse(raw), path, searched)
+    keys_file = keys_file_path(raw)
+    file_keys = read_keys_file(keys_file) if keys_file is not None else ()
+    return Loaded(parse(raw, file_keys), path, searched)
+
+
+def _literal(value: str) -> bool:
+    """Whether ``value`` holds text of its own besides ``${VAR}`` / ``$VAR`` references."""
+    return bool(_VAR.sub(lambda m: "$" if m.group(1) else "", value).strip())
+
+
+def literal_secrets(raw: Mapping[str, Any], cls: Any = Config, prefix: str = "") -> list[str]:
+    """The dotted keys of secret fields that a file (``raw``, not yet expanded) writes out
+    literally rather than taking from the environment; for the file-permission warning."""
+    found: list[str] = []
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    for name, value in raw.items():
+        f = fields.get(name)
+        if f is None:
+            continue
+        key = f"{prefix}.{name}" if prefix else name
+        tp = _strip_optional(_hints(cls)[name])
+        if isinstance(value, str):
+            if not f.repr and _literal(value):
+                found.append(key)
+        elif isinstance(value, dict):
+            found += literal_secrets(value, tp, key)
+        elif isinstance(value, list) and typing.get_origin(tp) is tuple:
+            item = typing.get_args(tp)[0]
+            for i, entry in enumerate(value):
+                if isinstance(entry, dict):
+                    found += literal_secrets(entry, item, f"{key}[{i}]")
+    return found
 
 
 def walk_secrets(config: Config) -> Iterator[str]:

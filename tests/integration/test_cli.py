@@ -89,11 +89,14 @@ def test_config_error_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_check_api_key(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    upstream: RawUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for k, v in env_with_keys().items():
         monkeypatch.setenv(k, v)
-    path = write_config(tmp_path, "https://x.services.ai.azure.com")
+    path = write_config(tmp_path, upstream.url)  # check connects to it: loopback only
     assert main(["check", "-c", str(path)]) == EXIT_OK
     out = capsys.readouterr().out
     assert f"config file:  {path}" in out
@@ -280,11 +283,17 @@ def test_process_sighup_reloads_keys(tmp_path: Path, upstream: RawUpstream, proc
 
 def test_world_readable_config_warns(tmp_path: Path, upstream: RawUpstream, proc_factory) -> None:
     path = write_config(tmp_path, upstream.url)
+    # secrets from ${VAR} are not in the file: no warning for them; a literal one warns
+    path.write_text(path.read_text().replace("${TEST_UPSTREAM_KEY}", UPSTREAM_KEY))
     path.chmod(0o644)
     proc = proc_factory(["-c", str(path)])
-    proc.wait_line(LISTENING)
+    port = int(proc.wait_line(LISTENING).group(1))
+    # served: serve() has reached its signal handlers (the banner comes before them)
+    assert exchange(port, request_bytes("POST", "/x", [("x-api-key", CLIENT_KEY)])).status == 200
     assert "readable by other users" in proc.output
+    assert "(upstream_auth.api_key)" in proc.output and "chown" in proc.output
     assert proc.stop() == 0
+    assert UPSTREAM_KEY not in proc.output
 
 
 def test_log_file_and_flags(tmp_path: Path, upstream: RawUpstream, proc_factory) -> None:

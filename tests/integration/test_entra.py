@@ -309,13 +309,14 @@ def test_upstream_401_makes_token_suspect(entra, entra_proxy, make_upstream) -> 
 # ----------------------------------------------------------------- claude-proxy check
 
 
-def write_config(tmp_path: Path, auth: str) -> Path:
+def write_config(tmp_path: Path, auth: str, upstream: RawUpstream) -> Path:
+    """``check`` connects to the upstream: a loopback one, never a real Azure host."""
     path = tmp_path / "c.toml"
-    path.write_text(f'upstream_url = "https://x.services.ai.azure.com"\n[upstream_auth]\n{auth}\n')
+    path.write_text(f'upstream_url = "{upstream.url}"\n[upstream_auth]\n{auth}\n')
     return path
 
 
-def test_check_azure_ad_prints_audience_and_expiry(entra, tmp_path, capsys) -> None:
+def test_check_azure_ad_prints_audience_and_expiry(entra, tmp_path, capsys, upstream) -> None:
     _, https_port, _ = entra
     path = write_config(
         tmp_path,
@@ -323,6 +324,7 @@ def test_check_azure_ad_prints_audience_and_expiry(entra, tmp_path, capsys) -> N
             f'type = "azure_ad"\ntenant_id = "{TENANT}"\nclient_id = "{CLIENT_ID}"\n'
             f'client_secret = "{SECRET}"\nauthority_host = "https://127.0.0.1:{https_port}"'
         ),
+        upstream,
     )
     assert main(["check", "-c", str(path)]) == EXIT_OK
     out = capsys.readouterr().out
@@ -343,11 +345,13 @@ def test_check_azure_ad_prints_audience_and_expiry(entra, tmp_path, capsys) -> N
         ("missing", "not installed"),
     ],
 )
-def test_check_azure_cli_failures(fake_az, tmp_path, capsys, monkeypatch, mode, message) -> None:
+def test_check_azure_cli_failures(
+    fake_az, tmp_path, capsys, monkeypatch, mode, message, upstream
+) -> None:
     if mode == "missing":
         monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     monkeypatch.setenv("FAKE_AZ_MODE", mode)
-    path = write_config(tmp_path, 'type = "azure_cli"\ntoken_timeout = 1')
+    path = write_config(tmp_path, 'type = "azure_cli"\ntoken_timeout = 1', upstream)
     assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
     out = capsys.readouterr().out
     assert message in out, out
@@ -355,7 +359,7 @@ def test_check_azure_cli_failures(fake_az, tmp_path, capsys, monkeypatch, mode, 
     gc.collect()  # let the unreaped process's warnings surface here, where they are ignored
 
 
-def test_check_token_endpoint_unreachable(tmp_path, capsys) -> None:
+def test_check_token_endpoint_unreachable(tmp_path, capsys, upstream) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed_port = s.getsockname()[1]  # closed again: nothing listens there
@@ -366,6 +370,7 @@ def test_check_token_endpoint_unreachable(tmp_path, capsys) -> None:
             f'client_secret = "{SECRET}"\nauthority_host = "https://127.0.0.1:{closed_port}"\n'
             "token_timeout = 5"
         ),
+        upstream,
     )
     started = time.monotonic()
     assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
