@@ -147,8 +147,11 @@ def wait_seen(caplog: pytest.LogCaptureFixture, proxy: ProxyHandle) -> int:
 def test_anthropic_sdk_gives_up_after_one_request_on_a_wrong_key(
     upstream: RawUpstream, proxy: ProxyHandle, access_log: pytest.LogCaptureFixture
 ) -> None:
-    client = anthropic.Anthropic(base_url=proxy.url, api_key="wrong-key")  # default retries: 2
-    with pytest.raises(anthropic.AuthenticationError):
+    # default retries: 2
+    with (
+        anthropic.Anthropic(base_url=proxy.url, api_key="wrong-key") as client,
+        pytest.raises(anthropic.AuthenticationError),
+    ):
         client.messages.create(
             model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
         )
@@ -159,8 +162,10 @@ def test_anthropic_sdk_gives_up_after_one_request_on_a_wrong_key(
 def test_openai_sdk_gives_up_after_one_request_on_a_wrong_key(
     upstream: RawUpstream, proxy: ProxyHandle, access_log: pytest.LogCaptureFixture
 ) -> None:
-    client = openai.OpenAI(base_url=proxy.url + "/openai/v1", api_key="wrong-key")
-    with pytest.raises(openai.AuthenticationError):
+    with (
+        openai.OpenAI(base_url=proxy.url + "/openai/v1", api_key="wrong-key") as client,
+        pytest.raises(openai.AuthenticationError),
+    ):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert wait_seen(access_log, proxy) == 1
 
@@ -169,8 +174,10 @@ def test_anthropic_sdk_retries_what_passes(
     make_proxy: Callable[..., ProxyHandle], access_log: pytest.LogCaptureFixture
 ) -> None:
     proxy = make_proxy(f"http://127.0.0.1:{refused_port()}")
-    client = anthropic.Anthropic(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=1)
-    with pytest.raises(anthropic.APIStatusError) as caught:
+    with (
+        anthropic.Anthropic(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=1) as client,
+        pytest.raises(anthropic.APIStatusError) as caught,
+    ):
         client.messages.create(
             model="m", max_tokens=1, messages=[{"role": "user", "content": "hi"}]
         )
