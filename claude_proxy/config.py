@@ -806,3 +806,98 @@ def walk_secrets(config: Config) -> Iterator[str]:
                 yield value
             elif dataclasses.is_dataclass(value) or isinstance(value, tuple):
                 stack.append(value)
+
+
+# --------------------------------------------------------------------------- reload (SIGHUP)
+
+# What a running server takes on SIGHUP. Everything else (listeners, upstream, its auth, the
+# pool's timeouts, workers, log files, the admin listener, TLS mode) is fixed when it starts.
+RELOADABLE = frozenset(
+    {
+        "client_api_key",
+        "client_api_keys",
+        "passthrough_unauthenticated",
+        "logging.level",
+        "logging.access_log",
+        "tls.cert_path",
+        "tls.key_path",
+    }
+)
+_KEY_FIELDS = frozenset({"client_api_key", "client_api_keys"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a SIGHUP does: ``config`` is the snapshot to apply (the new reloadable values, every
+    other field as running); ``changes`` and ``restart_needed`` are lines for the log."""
+
+    config: Config
+    changes: tuple[str, ...]
+    restart_needed: tuple[str, ...]
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
+    """(dotted key, value, is secret) for every setting below a config dataclass."""
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, key + ".")
+        else:
+            yield key, value, not f.repr
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _with_reloadable(old: Any, new: Any, prefix: str = "") -> Any:
+    """``old`` with the reloadable fields taken from ``new``; ``old`` itself if none differ."""
+    changed: dict[str, Any] = {}
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        key = prefix + f.name
+        if dataclasses.is_dataclass(before):
+            merged = _with_reloadable(before, after, key + ".")
+            if merged is not before:
+                changed[f.name] = merged
+        elif key in RELOADABLE and before != after:
+            changed[f.name] = after
+    return dataclasses.replace(old, **changed) if changed else old
+
+
+def key_changes(old: Config, new: Config) -> tuple[str, ...]:
+    """Client keys added, removed and replaced, by name (never a key)."""
+    before = {k.name: k.key for k in old.client_keys()}
+    after = {k.name: k.key for k in new.client_keys()}
+    lines = []
+    added = [name for name in after if name not in before]
+    removed = [name for name in before if name not in after]
+    replaced = [name for name in after if name in before and before[name] != after[name]]
+    for label, names in (("added", added), ("removed", removed), ("replaced", replaced)):
+        if names:
+            lines.append(f"client keys {label}: {', '.join(names)}")
+    return tuple(lines)
+
+
+def reload_plan(old: Config, new: Config) -> ReloadPlan:
+    """Compare the running config with a newly loaded one (pure): what to apply, what changed,
+    and which changed settings keep their running value until a restart."""
+    changes: list[str] = list(key_changes(old, new))
+    restart: list[str] = []
+    new_values = {key: (value, secret) for key, value, secret in _leaves(new)}
+    for key, before, secret in _leaves(old):
+        after = new_values[key][0]
+        if before == after or key in _KEY_FIELDS:
+            continue
+        if key in RELOADABLE:
+            changes.append(f"{key}: {_show(before)} -> {_show(after)}")
+        elif secret:
+            restart.append(f"{key}: changed; the running value stays until a restart")
+        else:
+            restart.append(f"{key}: {_show(before)} stays in force; {_show(after)} needs a restart")
+    return ReloadPlan(_with_reloadable(old, new), tuple(changes), tuple(restart))
