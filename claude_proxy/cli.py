@@ -272,7 +272,7 @@ def hash_key_command(stdin: TextIO, stdout: TextIO) -> int:
 
 def run_supervisor(config: Config, argv: list[str]) -> int:
     async def supervise() -> int:
-        sup = supervisor.Supervisor(config, argv, on_ready=announce_ready)
+        sup = supervisor.Supervisor(config, argv, on_ready=announce)
         try:
             return await sup.run(_held.take())
         except supervisor.StartupError as exc:
@@ -283,8 +283,8 @@ def run_supervisor(config: Config, argv: list[str]) -> int:
         return run(supervise())
 
 
-def announce_ready(line: str) -> None:
-    """The readiness line on stdout, after the log lines that precede it."""
+def announce(line: str) -> None:
+    """A lifecycle line (`ready: ...`, `draining: ...`) on stdout, after the log lines before it."""
     flush_handlers()
     print(line, flush=True)
 
@@ -615,12 +615,18 @@ async def serve(
         if sockets:
             supervisor.report_start(supervisor.READY)
         else:
-            announce_ready(f"ready: {listening(config, server)}")
+            announce(f"ready: {listening(config, server)}")
         async with keys_file_watcher(config, on_hup):
             await stop.wait()
     timeout = running.config.shutdown_timeout
     logger.info("shutting down: draining for up to %gs", timeout)
-    drained = await server.shutdown(timeout)
+    shutdown = asyncio.ensure_future(server.shutdown(timeout))
+    # shutdown() closes the listeners before its first await: one loop turn later they are
+    # closed, so this line is true when it is printed (process tests wait for it)
+    await asyncio.sleep(0)
+    if not sockets:
+        announce("draining: no longer accepting")
+    drained = await shutdown
     logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
     return EXIT_OK
 

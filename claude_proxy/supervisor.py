@@ -83,6 +83,8 @@ class Supervisor:
         self._announced = False
         self._listening = ""
         self._stop = asyncio.Event()
+        # Signals for workers between fork and registration, by index.
+        self._spawning: dict[int, set[int]] = {}
 
     async def _spawn(self, index: int, fds: Sequence[int]) -> tuple[Worker, int]:
         """Start worker ``index``; returns it and the read end of its start report pipe."""
@@ -91,6 +93,7 @@ class Supervisor:
         env[WORKER_FD_ENV] = ",".join(str(fd) for fd in fds)
         env[WORKER_ID_ENV] = str(index)
         env[READY_FD_ENV] = str(write_end)
+        self._spawning[index] = set()
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -102,10 +105,11 @@ class Supervisor:
             )
         except BaseException:
             os.close(read_end)
+            self._spawning.pop(index, None)
             raise
         finally:
             os.close(write_end)  # the worker holds the only write end: EOF when it exits
-        worker = Worker(index, proc)
+        worker = Worker(index, proc, held=self._spawning.pop(index))
         self.workers[index] = worker
         return worker, read_end
 
@@ -207,6 +211,8 @@ class Supervisor:
 
     def _signal_all(self, signum: int) -> None:
         """Send ``signum`` to every ready worker; one still starting gets it once ready."""
+        for held in self._spawning.values():
+            held.add(signum)
         for worker in self.workers.values():
             if worker.ready or signum == signal.SIGKILL:
                 self._send(worker, signum)
