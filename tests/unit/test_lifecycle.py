@@ -56,9 +56,7 @@ def changed(**fields: Any) -> Config:
             id="keys-added-removed",
         ),
         pytest.param(
-            changed(
-                client_api_keys=(ClientKey("alice", "alice-key-2"), RUNNING.client_api_keys[1])
-            ),
+            changed(client_api_keys=(ClientKey("alice", "alice-key-2"), ClientKey("carol", "c-2"))),
             ["client keys replaced: alice, carol"],
             [],
             id="key-rotated",
