@@ -62,6 +62,10 @@ def env_with_keys() -> dict[str, str]:
     return env
 
 
+def loop_env(loop: str) -> dict[str, str]:
+    return {**env_with_keys(), "CLAUDE_PROXY_LOOP": loop}
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["--version"])
@@ -216,9 +220,10 @@ def proc_factory(tmp_path: Path) -> Iterator:
         proc.stop()
 
 
+@LOOPS
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_process_serves_and_drains_a_stream_on_signal(
-    tmp_path: Path, make_upstream, proc_factory, sig: signal.Signals
+    tmp_path: Path, make_upstream, proc_factory, sig: signal.Signals, loop: str
 ) -> None:
     release = threading.Event()
 
@@ -233,7 +238,7 @@ def test_process_serves_and_drains_a_stream_on_signal(
 
     up = make_upstream(handler)
     path = write_config(tmp_path, up.url, "shutdown_timeout = 10")
-    proc = proc_factory(["-c", str(path)])
+    proc = proc_factory(["-c", str(path)], loop_env(loop))
     port = int(proc.wait_line(READY).group(1))
     assert str(path) in proc.output
     assert UPSTREAM_KEY not in proc.output
@@ -375,9 +380,7 @@ def test_workers_share_the_port_are_replaced_and_aggregate_metrics(
             port, request_bytes("POST", "/v1/messages", [("x-api-key", CLIENT_KEY)], b"{}")
         )
         assert resp.status == 200
-    wait_until(
-        lambda: metric(get("/metrics")[1], "claude_proxy_requests_total", **anthropic) == 20
-    )
+    wait_until(lambda: metric(get("/metrics")[1], "claude_proxy_requests_total", **anthropic) == 20)
     workers = children(proc.p.pid)
     assert len(workers) == 2
     victim = min(workers)
@@ -408,10 +411,6 @@ def test_workers_share_the_port_are_replaced_and_aggregate_metrics(
 
 
 # ----------------------------------------------------------------- start-up and signals
-
-
-def loop_env(loop: str) -> dict[str, str]:
-    return {**env_with_keys(), "CLAUDE_PROXY_LOOP": loop}
 
 
 @LOOPS
