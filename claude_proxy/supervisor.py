@@ -196,7 +196,7 @@ class Supervisor:
 
     def _give_up(self, index: int, why: str, code: int | None) -> None:
         message = f"worker {index} cannot start: {why} (failed {START_TRIES} times in a row)"
-        logger.error("%s; stopping", message)
+        logger.info("supervisor: worker %d keeps failing to start; stopping the others", index)
         self.failure = StartupError(message, code if code in (2, 3) else None)
         self._on_stop()
 
