@@ -189,7 +189,9 @@ class Supervisor:
             self._send(worker, signal.SIGTERM)
         elif signal.SIGHUP in held:
             self._send(worker, signal.SIGHUP)
-        if not self._announced and len(self._ready_workers()) == self.config.workers:
+        if self.stopping or self._announced:
+            return
+        if len(self._ready_workers()) == self.config.workers:
             self._announced = True
             if self.on_ready is not None:
                 self.on_ready(f"ready: {self.config.workers} workers {self._listening}")
