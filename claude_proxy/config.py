@@ -836,20 +836,28 @@ class ReloadPlan:
     restart_needed: tuple[str, ...]
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any, bool]]:
-    """(dotted key, value, is secret) for every setting below a config dataclass."""
-    for f in dataclasses.fields(node):
-        value = getattr(node, f.name)
+def _same_table(before: Any, after: Any) -> bool:
+    """Both are the same config table: compared field by field (an optional table that is
+    set on one side only, like ``client_jwt``, is compared as one value)."""
+    return dataclasses.is_dataclass(before) and type(before) is type(after)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, bool]]:
+    """(dotted key, old value, new value, is secret) for every setting that differs."""
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
         key = prefix + f.name
-        if dataclasses.is_dataclass(value):
-            yield from _leaves(value, key + ".")
-        else:
-            yield key, value, not f.repr
+        if _same_table(before, after):
+            yield from _differences(before, after, key + ".")
+        elif before != after:
+            yield key, before, after, not f.repr
 
 
 def _show(value: Any) -> str:
     if value is None:
         return "(unset)"
+    if dataclasses.is_dataclass(value):
+        return "(a table)"
     if isinstance(value, bool):
         return "true" if value else "false"
     return repr(value) if isinstance(value, str) else str(value)
@@ -861,7 +869,7 @@ def _with_reloadable(old: Any, new: Any, prefix: str = "") -> Any:
     for f in dataclasses.fields(old):
         before, after = getattr(old, f.name), getattr(new, f.name)
         key = prefix + f.name
-        if dataclasses.is_dataclass(before):
+        if _same_table(before, after):
             merged = _with_reloadable(before, after, key + ".")
             if merged is not before:
                 changed[f.name] = merged
@@ -871,17 +879,27 @@ def _with_reloadable(old: Any, new: Any, prefix: str = "") -> Any:
 
 
 def key_changes(old: Config, new: Config) -> tuple[str, ...]:
-    """Client keys added, removed and replaced, by name (never a key)."""
-    before = {k.name: k.key for k in old.client_keys()}
-    after = {k.name: k.key for k in new.client_keys()}
-    lines = []
-    added = [name for name in after if name not in before]
-    removed = [name for name in before if name not in after]
-    replaced = [name for name in after if name in before and before[name] != after[name]]
-    for label, names in (("added", added), ("removed", removed), ("replaced", replaced)):
-        if names:
-            lines.append(f"client keys {label}: {', '.join(names)}")
-    return tuple(lines)
+    """Client keys added, removed, replaced and given other limits, by name (never a key)."""
+    before = {k.name: k for k in old.client_keys()}
+    after = {k.name: k for k in new.client_keys()}
+    kept = [name for name in after if name in before]
+    groups = {
+        "added": [name for name in after if name not in before],
+        "removed": [name for name in before if name not in after],
+        "replaced": [n for n in kept if _secret_of(before[n]) != _secret_of(after[n])],
+        "with other limits": [n for n in kept if _limits_of(before[n]) != _limits_of(after[n])],
+    }
+    return tuple(
+        f"client keys {label}: {', '.join(names)}" for label, names in groups.items() if names
+    )
+
+
+def _secret_of(key: ClientKey) -> tuple[str | None, str | None]:
+    return key.key, key.key_sha256
+
+
+def _limits_of(key: ClientKey) -> tuple[Any, ...]:
+    return tuple(getattr(key, f.name) for f in dataclasses.fields(LimitSettings))
 
 
 def reload_plan(old: Config, new: Config) -> ReloadPlan:
@@ -889,10 +907,8 @@ def reload_plan(old: Config, new: Config) -> ReloadPlan:
     and which changed settings keep their running value until a restart."""
     changes: list[str] = list(key_changes(old, new))
     restart: list[str] = []
-    new_values = {key: (value, secret) for key, value, secret in _leaves(new)}
-    for key, before, secret in _leaves(old):
-        after = new_values[key][0]
-        if before == after or key in _KEY_FIELDS:
+    for key, before, after, secret in _differences(old, new):
+        if key in _KEY_FIELDS:
             continue
         if key in RELOADABLE:
             changes.append(f"{key}: {_show(before)} -> {_show(after)}")

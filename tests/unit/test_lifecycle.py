@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from claude_proxy.cli import log_path_problem
 from claude_proxy.config import (
     AdminConfig,
+    ClientJwtConfig,
     ClientKey,
     Config,
     LoggingConfig,
@@ -60,6 +61,23 @@ def changed(**fields: Any) -> Config:
             ["client keys replaced: alice, carol"],
             [],
             id="key-rotated",
+        ),
+        pytest.param(
+            changed(
+                client_api_keys=(
+                    ClientKey("alice", key_sha256="ab" * 32),
+                    ClientKey("carol", "carol-key-1", requests_per_minute=10),
+                )
+            ),
+            ["client keys replaced: alice", "client keys with other limits: carol"],
+            [],
+            id="key-as-digest-and-limits",
+        ),
+        pytest.param(
+            changed(client_jwt=ClientJwtConfig(issuer="https://login.example/t", audience="api")),
+            [],
+            ["client_jwt: (unset) stays in force; (a table) needs a restart"],
+            id="optional-table-set",
         ),
         pytest.param(
             changed(client_api_key="single-key-1"),
