@@ -350,19 +350,22 @@ def test_bad_tls_certificate_is_named_not_cannot_listen(
 
 
 def test_check_reports_a_bad_tls_certificate(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    upstream: RawUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from .test_cli import env_with_keys, write_config
 
     for name, value in env_with_keys().items():
         monkeypatch.setenv(name, value)
     cert, key, blamed, reason = break_tls(tmp_path, "mismatch")
-    tls = f'[tls]\nmode = "manual"\ncert_path = "{cert}"\nkey_path = "{key}"\n'
-    path = write_config(tmp_path, "https://x.services.ai.azure.com", tls)
+    tls = f'[tls]\nmode = "manual"\ncert_path = "{cert}"\nkey_path = "{key}"\nhttps_port = 0\n'
+    path = write_config(tmp_path, upstream.url, tls)
     assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
     out = capsys.readouterr().out
-    assert f"tls:          NOT USABLE: tls.key_path {blamed}: {reason}" in out
+    assert f"tls files:    FAILED: tls.key_path {blamed}: {reason}" in out
     good_cert, good_key, _ = tls_files(tmp_path, "good")
     path.write_text(path.read_text().replace(cert, good_cert).replace(key, good_key))
     assert main(["check", "-c", str(path)]) == EXIT_OK
-    assert f"tls:          {good_cert} with its key: usable" in capsys.readouterr().out
+    assert f"tls files:    {good_cert} and {good_key} load" in capsys.readouterr().out

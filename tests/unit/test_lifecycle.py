@@ -12,13 +12,12 @@ import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
 
-from claude_proxy.cli import log_path_problem
+from claude_proxy.checks import log_path_problem
 from claude_proxy.config import (
     AdminConfig,
     ClientJwtConfig,
     ClientKey,
     Config,
-    LoggingConfig,
     TlsConfig,
     UpstreamAuthConfig,
     reload_plan,
@@ -256,42 +255,32 @@ def test_good_certificate_loads(tmp_path: Path) -> None:
     assert isinstance(server_tls_context(tls_config(cert, key)), ssl.SSLContext)
 
 
-# ----------------------------------------------------------------- log path
-
-
-def log_config(path: Path) -> LoggingConfig:
-    return LoggingConfig(log_path=str(path))
+# ----------------------------------------------------------------- log path (serve's check)
 
 
 def test_log_path_under_a_file_cannot_be_created(tmp_path: Path) -> None:
-    (tmp_path / "file").write_text("")
-    problem = log_path_problem(log_config(tmp_path / "file" / "logs"))
-    assert (
-        problem
-        == f"cannot create {tmp_path / 'file' / 'logs'}: {tmp_path / 'file'} is not a directory"
-    )
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    problem = log_path_problem(str(blocker / "logs"))
+    assert problem is not None and problem.startswith(f"{blocker} is not a directory")
 
 
 @pytest.mark.parametrize("where", ["existing", "to-create", "nested-to-create"])
 def test_log_path_that_can_be_written(tmp_path: Path, where: str) -> None:
     path = {"existing": tmp_path, "to-create": tmp_path / "logs"}.get(where, tmp_path / "a" / "b")
-    assert log_path_problem(log_config(path)) is None
-    assert log_path_problem(LoggingConfig()) is None  # stdout
+    assert log_path_problem(str(path)) is None
+    assert log_path_problem(None) is None  # stdout
+    assert not (tmp_path / "logs").exists()  # looked at, not created
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes anywhere")
-@pytest.mark.parametrize("target", ["directory", "parent", "file"])
+@pytest.mark.parametrize("target", ["directory", "parent"])
 def test_log_path_this_user_cannot_write(tmp_path: Path, target: str) -> None:
     locked = tmp_path / "locked"
     locked.mkdir()
-    path = locked if target != "parent" else locked / "logs"
-    if target == "file":
-        (locked / "claude-proxy.log").write_text("")
-        (locked / "claude-proxy.log").chmod(0o444)
-    else:
-        locked.chmod(0o555)
+    locked.chmod(0o555)
     try:
-        problem = log_path_problem(log_config(path))
+        problem = log_path_problem(str(locked if target == "directory" else locked / "logs"))
     finally:
         locked.chmod(0o755)
-    assert problem is not None and "permission denied for user" in problem
+    assert problem is not None and f"{locked} is not writable by uid" in problem
