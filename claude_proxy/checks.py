@@ -55,19 +55,16 @@ def bind_problem(host: str, port: int) -> str | None:
 
 
 def tls_problem(config: Config) -> str | None:
-    """Whether the TLS listener's certificate and key load (as ``serve`` loads them)."""
+    """Whether the TLS listener's certificate and key load (as ``serve`` loads them); the
+    answer names the file and the cause."""
     if config.tls.mode != "manual":
         return None
-    from .server import server_tls_context
+    from .tls import CertificateError, server_tls_context
 
     try:
         server_tls_context(config)
-    except (OSError, ssl.SSLError, ValueError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return (
-            f"cannot load tls.cert_path {config.tls.cert_path} with tls.key_path "
-            f"{config.tls.key_path}: {reason} (PEM files; the key must match the certificate)"
-        )
+    except CertificateError as exc:
+        return str(exc)
     return None
 
 

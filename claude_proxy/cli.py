@@ -2,6 +2,9 @@
 
 Flags default to "not given" and override the file and environment. Signal handlers live here
 and nowhere else: SIGTERM/SIGINT drain and exit, SIGHUP reloads client keys and log level.
+They are held from the first line of :func:`main`, so a signal during start-up is acted on once
+the proxy runs instead of killing it; ``ready: listening on ...`` on stdout says that the
+handlers exist and the listeners accept.
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import sys
+import threading
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -30,16 +35,19 @@ from .client_auth import hash_key
 from .config import (
     Config,
     Loaded,
+    LoggingConfig,
     UpstreamAuthConfig,
     keys_file_path,
     literal_secrets,
     load_config,
+    reload_plan,
     walk_secrets,
 )
 from .credentials import TokenAuth, UpstreamAuth, describe_credential_error, make_auth
 from .errors import ConfigError
-from .logs import configure_logging, register_secret, set_level
+from .logs import configure_logging, flush_handlers, register_secret, set_level
 from .server import ProxyServer
+from .tls import CertificateError, server_tls_context
 
 logger = logging.getLogger("claude_proxy")
 
@@ -62,6 +70,9 @@ OVERRIDES = {
     "log_prefix": "logging.log_prefix",
     "workers": "workers",
 }
+HELD_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+)
 DEMO_CLIENT_KEY = "demo-key"
 DEMO_UPSTREAM_KEY = "mock-upstream-key"
 
@@ -136,6 +147,39 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+class HeldSignals:
+    """SIGTERM, SIGINT and SIGHUP noted, not acted on, until the event loop's handlers exist:
+    their default action would kill a proxy that is still starting. :meth:`take` hands them
+    over; :meth:`restore` puts back the handlers found (for callers of :func:`main` in-process).
+    """
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self._saved: dict[int, Any] = {}
+
+    def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal.signal works only there; a caller on another thread owns signals
+        for sig in HELD_SIGNALS:
+            self._saved[sig] = signal.signal(sig, self._note)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.seen.append(signum)
+
+    def take(self) -> list[int]:
+        seen, self.seen = self.seen, []
+        return seen
+
+    def restore(self) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+        self.seen.clear()
+
+
+_held = HeldSignals()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mock"]:
@@ -145,8 +189,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "hash-key":
         return hash_key_command(sys.stdin, sys.stdout)
-    if args.command == "demo":
-        return run(demo(args.port, args.verbose))
+    if args.command in ("check", "env"):
+        return load_and_inspect(args)
+    _held.hold()
+    try:
+        if args.command == "demo":
+            return run(demo(args.port, args.verbose))
+        return start(args, argv)
+    finally:
+        _held.restore()
+
+
+def load_and_inspect(args: argparse.Namespace) -> int:
+    """``check`` and ``env``: they load the config and report; they do not serve."""
     try:
         loaded = load_config(getattr(args, "config", None), overrides_from(args))
     except ConfigError as exc:
@@ -154,10 +209,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(config_error_report(exc)))
         print(f"claude-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    if args.command == "check":
-        return run_check(args, loaded)
     if args.command == "env":
         return run_env(args, loaded.config)
+    return run_check(args, loaded)
+
+
+def failed(code: int, message: str, *, logged: bool = True) -> int:
+    """Say why the proxy cannot start (to the log, or stderr before logging is set up), tell
+    the supervisor when this is its worker, and return the exit code."""
+    if logged:
+        logger.error("%s", message)
+    else:
+        print(f"claude-proxy: {message}", file=sys.stderr, flush=True)
+    supervisor.report_start(f"error {message}")
+    return code
+
+
+def start(args: argparse.Namespace, argv: list[str]) -> int:
+    """``serve``: load and check the config, set up logging, then run one proxy or workers."""
+    try:
+        loaded = load_config(getattr(args, "config", None), overrides_from(args))
+        startup_check(loaded.config)
+    except ConfigError as exc:
+        return failed(EXIT_CONFIG_ERROR, f"config error: {exc}", logged=False)
     worker = supervisor.worker_sockets()
     log_config = loaded.config.logging
     if worker is not None and log_config.log_path:
@@ -165,15 +239,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_config = dataclasses.replace(
             log_config, log_prefix=f"{log_config.log_prefix}-{worker[1]}"
         )
-    configure_logging(log_config, secrets=walk_secrets(loaded.config))
+    try:
+        configure_logging(log_config, secrets=walk_secrets(loaded.config))
+    except OSError as exc:
+        message = f"config error: {log_file_error(log_config, exc)}"
+        return failed(EXIT_CONFIG_ERROR, message, logged=False)
     if worker is None:
         warn_if_readable(loaded.path)
         if loaded.config.workers > 1:
             if not supervisor.supported():
                 logger.error("workers > 1 needs Linux or macOS; run one process per port instead")
                 return EXIT_CONFIG_ERROR
-            with supervisor.multiprocess_dir():
-                return run(supervisor.Supervisor(loaded.config, argv).run())
+            return run_supervisor(loaded.config, argv)
 
     def reload() -> Loaded:
         return load_config(getattr(args, "config", None), overrides_from(args))
@@ -191,6 +268,45 @@ def hash_key_command(stdin: TextIO, stdout: TextIO) -> int:
         return EXIT_CONFIG_ERROR
     print(hash_key(key), file=stdout)
     return EXIT_OK
+
+
+def run_supervisor(config: Config, argv: list[str]) -> int:
+    async def supervise() -> int:
+        sup = supervisor.Supervisor(config, argv, on_ready=announce)
+        try:
+            return await sup.run(_held.take())
+        except supervisor.StartupError as exc:
+            logger.error("%s", exc)
+            return exc.exit_code or EXIT_STARTUP_FAILURE
+
+    with supervisor.multiprocess_dir():
+        return run(supervise())
+
+
+def announce(line: str) -> None:
+    """A lifecycle line (`ready: ...`, `draining: ...`) on stdout, after the log lines before it."""
+    flush_handlers()
+    print(line, flush=True)
+
+
+def startup_check(config: Config) -> None:
+    """What would fail only once serving: an unusable certificate or log directory.
+    Raises :class:`ConfigError` naming the file and the reason."""
+    if config.tls.mode == "manual":
+        server_tls_context(config)
+    for key, path in (
+        ("logging.log_path", config.logging.log_path),
+        ("logging.access_log_path", config.logging.access_log_path),
+    ):
+        problem = checks.log_path_problem(path)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
+
+
+def log_file_error(config: LoggingConfig, exc: OSError) -> str:
+    """A log file that could not be opened although the check before found no problem."""
+    where = exc.filename or config.log_path
+    return f"logging: cannot write {where}: {exc.strerror or exc}"
 
 
 def run_check(args: argparse.Namespace, loaded: Loaded) -> int:
@@ -394,23 +510,26 @@ def warn_if_readable(path: Path | None) -> None:
 
 
 def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
-    """SIGTERM/SIGINT set ``stop``; SIGHUP calls ``on_hup``.
+    """SIGTERM/SIGINT set ``stop``; SIGHUP calls ``on_hup``; then the signals that arrived
+    while they were held (since :func:`main` began) are acted on.
 
     They stay installed until the process exits: a second SIGTERM during the drain must not
     fall back to the default action and kill the process mid-drain.
     """
     loop = asyncio.get_running_loop()
-    handlers: list[tuple[int, Callable[[], None]]] = [
-        (signal.SIGTERM, stop.set),
-        (signal.SIGINT, stop.set),
-    ]
+    actions: dict[int, Callable[[], None]] = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+    }
     if hasattr(signal, "SIGHUP"):
-        handlers.append((signal.SIGHUP, on_hup))
-    for sig, handler in handlers:
+        actions[signal.SIGHUP] = on_hup
+    for sig, handler in actions.items():
         try:
             loop.add_signal_handler(sig, handler)
         except (NotImplementedError, RuntimeError):  # Windows' standard loop
             signal.signal(sig, lambda *_, h=handler: loop.call_soon_threadsafe(h))
+    for sig in dict.fromkeys(_held.take()):
+        actions[sig]()
 
 
 def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
@@ -431,23 +550,51 @@ def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
     return "\n".join(lines)
 
 
+def listening(config: Config, server: ProxyServer) -> str:
+    urls = [f"http://{config.bind_address}:{server.port}"]
+    if server.tls_port:
+        urls.append(f"https://{config.bind_address}:{server.tls_port}")
+    if server.admin is not None:
+        urls.append(f"admin on http://{config.admin.bind_address}:{server.admin.port}")
+    return "listening on " + ", ".join(urls)
+
+
 async def serve(
     loaded: Loaded, reload: Callable[[], Loaded], sockets: Sequence[socket.socket] = ()
 ) -> int:
     """Run the proxy until SIGTERM/SIGINT; SIGHUP reloads keys, log level and TLS certificate.
 
     ``sockets``: already listening sockets (a worker under the supervisor, which also serves
-    the admin listener).
+    the admin listener). The handlers come first: a signal during start-up waits for it.
     """
     config = loaded.config
     auth = make_auth(config.upstream_auth)
     server = ProxyServer(config, auth, sockets=sockets, serve_admin=not sockets)
+    running = loaded
+    started = False
+    reload_held = False
+
+    def on_hup() -> None:
+        nonlocal running, reload_held
+        if not started:
+            reload_held = True
+            return
+        running = apply_reload(running, reload, server)
+
+    stop = asyncio.Event()
+    _install_signals(stop, on_hup)
+    if stop.is_set():
+        return EXIT_OK  # told to stop before anything started
     try:
         await server.start()
+    except (ssl.SSLError, CertificateError) as exc:
+        await server.shutdown(0)
+        return failed(EXIT_CONFIG_ERROR, f"config error: TLS certificate: {exc}")
     except OSError as exc:
-        logger.error("cannot listen on %s:%s: %s", config.bind_address, config.port, exc.strerror)
-        await auth.close()
-        return EXIT_STARTUP_FAILURE
+        await server.shutdown(0)
+        where = f"{config.bind_address}:{config.port}"
+        return failed(EXIT_STARTUP_FAILURE, f"cannot listen on {where}: {exc.strerror or exc}")
+    started = True
     # The banner shows at any level: it is the one line every operator needs.
     logger.log(max(logging.INFO, logger.getEffectiveLevel()), "%s", banner(loaded, server, auth))
     if server.admin is not None:
@@ -462,32 +609,56 @@ async def serve(
             "reaches it spends your upstream quota",
             config.bind_address,
         )
-
-    def on_hup() -> None:
-        try:
-            new = reload()
-        except ConfigError as exc:
-            logger.error("reload rejected, keeping the running config: %s", exc)
-            return
-        for secret in walk_secrets(new.config):
-            register_secret(secret)
-        set_level(new.config.logging.level)  # first: the server reads it to enable access lines
-        server.reload(new.config)
-        logger.info(
-            "reloaded %s: %d client key(s), log level %s",
-            new.path or "config",
-            len(new.config.client_keys()),
-            new.config.logging.level,
-        )
-
-    stop = asyncio.Event()
-    _install_signals(stop, on_hup)
-    async with keys_file_watcher(config, on_hup):
-        await stop.wait()
-    logger.info("shutting down: draining for up to %gs", config.shutdown_timeout)
-    drained = await server.shutdown()
+    if reload_held:
+        running = apply_reload(running, reload, server)
+    if not stop.is_set():
+        if sockets:
+            supervisor.report_start(supervisor.READY)
+        else:
+            announce(f"ready: {listening(config, server)}")
+        async with keys_file_watcher(config, on_hup):
+            await stop.wait()
+    timeout = running.config.shutdown_timeout
+    logger.info("shutting down: draining for up to %gs", timeout)
+    shutdown = asyncio.ensure_future(server.shutdown(timeout))
+    # shutdown() closes the listeners before its first await: one loop turn later they are
+    # closed, so this line is true when it is printed (process tests wait for it)
+    await asyncio.sleep(0)
+    if not sockets:
+        announce("draining: no longer accepting")
+    drained = await shutdown
     logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
     return EXIT_OK
+
+
+def apply_reload(running: Loaded, reload: Callable[[], Loaded], server: ProxyServer) -> Loaded:
+    """SIGHUP: load the config again and apply, in one step, the part of it that reloads;
+    say what changed and what keeps its running value until a restart."""
+    try:
+        new = reload()
+    except ConfigError as exc:
+        logger.error("reload rejected, keeping the running config: %s", exc)
+        return running
+    plan = reload_plan(running.config, new.config)
+    config = plan.config
+    for secret in walk_secrets(new.config):
+        register_secret(secret)
+    set_level(config.logging.level)  # first: the server reads it to enable access lines
+    logging.getLogger("claude_proxy.access").disabled = not config.logging.access_log
+    server.reload(config)
+    keys = config.client_keys()
+    logger.info(
+        "reloaded %s: %s; in force: %d client key(s) [%s], passthrough %s, log level %s",
+        new.path or "config",
+        "; ".join(plan.changes) or "no change that reloads",
+        len(keys),
+        ", ".join(k.name for k in keys),
+        "on" if config.passthrough_unauthenticated else "off",
+        config.logging.level,
+    )
+    for line in plan.restart_needed:
+        logger.warning("not reloaded, needs a restart: %s", line)
+    return Loaded(config, new.path, new.searched)
 
 
 class CheckReport:

@@ -806,3 +806,114 @@ def walk_secrets(config: Config) -> Iterator[str]:
                 yield value
             elif dataclasses.is_dataclass(value) or isinstance(value, tuple):
                 stack.append(value)
+
+
+# --------------------------------------------------------------------------- reload (SIGHUP)
+
+# What a running server takes on SIGHUP. Everything else (listeners, upstream, its auth, the
+# pool's timeouts, workers, log files, the admin listener, TLS mode) is fixed when it starts.
+RELOADABLE = frozenset(
+    {
+        "client_api_key",
+        "client_api_keys",
+        "passthrough_unauthenticated",
+        "logging.level",
+        "logging.access_log",
+        "tls.cert_path",
+        "tls.key_path",
+    }
+)
+_KEY_FIELDS = frozenset({"client_api_key", "client_api_keys"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    """What a SIGHUP does: ``config`` is the snapshot to apply (the new reloadable values, every
+    other field as running); ``changes`` and ``restart_needed`` are lines for the log."""
+
+    config: Config
+    changes: tuple[str, ...]
+    restart_needed: tuple[str, ...]
+
+
+def _same_table(before: Any, after: Any) -> bool:
+    """Both are the same config table: compared field by field (an optional table that is
+    set on one side only, like ``client_jwt``, is compared as one value)."""
+    return dataclasses.is_dataclass(before) and type(before) is type(after)
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any, bool]]:
+    """(dotted key, old value, new value, is secret) for every setting that differs."""
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        key = prefix + f.name
+        if _same_table(before, after):
+            yield from _differences(before, after, key + ".")
+        elif before != after:
+            yield key, before, after, not f.repr
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    if dataclasses.is_dataclass(value):
+        return "(a table)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _with_reloadable(old: Any, new: Any, prefix: str = "") -> Any:
+    """``old`` with the reloadable fields taken from ``new``; ``old`` itself if none differ."""
+    changed: dict[str, Any] = {}
+    for f in dataclasses.fields(old):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        key = prefix + f.name
+        if _same_table(before, after):
+            merged = _with_reloadable(before, after, key + ".")
+            if merged is not before:
+                changed[f.name] = merged
+        elif key in RELOADABLE and before != after:
+            changed[f.name] = after
+    return dataclasses.replace(old, **changed) if changed else old
+
+
+def key_changes(old: Config, new: Config) -> tuple[str, ...]:
+    """Client keys added, removed, replaced and given other limits, by name (never a key)."""
+    before = {k.name: k for k in old.client_keys()}
+    after = {k.name: k for k in new.client_keys()}
+    kept = [name for name in after if name in before]
+    groups = {
+        "added": [name for name in after if name not in before],
+        "removed": [name for name in before if name not in after],
+        "replaced": [n for n in kept if _secret_of(before[n]) != _secret_of(after[n])],
+        "with other limits": [n for n in kept if _limits_of(before[n]) != _limits_of(after[n])],
+    }
+    return tuple(
+        f"client keys {label}: {', '.join(names)}" for label, names in groups.items() if names
+    )
+
+
+def _secret_of(key: ClientKey) -> tuple[str | None, str | None]:
+    return key.key, key.key_sha256
+
+
+def _limits_of(key: ClientKey) -> tuple[Any, ...]:
+    return tuple(getattr(key, f.name) for f in dataclasses.fields(LimitSettings))
+
+
+def reload_plan(old: Config, new: Config) -> ReloadPlan:
+    """Compare the running config with a newly loaded one (pure): what to apply, what changed,
+    and which changed settings keep their running value until a restart."""
+    changes: list[str] = list(key_changes(old, new))
+    restart: list[str] = []
+    for key, before, after, secret in _differences(old, new):
+        if key in _KEY_FIELDS:
+            continue
+        if key in RELOADABLE:
+            changes.append(f"{key}: {_show(before)} -> {_show(after)}")
+        elif secret:
+            restart.append(f"{key}: changed; the running value stays until a restart")
+        else:
+            restart.append(f"{key}: {_show(before)} stays in force; {_show(after)} needs a restart")
+    return ReloadPlan(_with_reloadable(old, new), tuple(changes), tuple(restart))

@@ -22,7 +22,7 @@ from claude_proxy.cli import EXIT_CHECK_FAILED, EXIT_CONFIG_ERROR, EXIT_OK, main
 from ..entra_fakes import install_fake_az, server_ssl
 from ..helpers import CLIENT_KEY, UPSTREAM_KEY, RawUpstream, exchange, request_bytes, secret
 from . import test_cli
-from .test_cli import LISTENING, env_with_keys, write_config
+from .test_cli import READY, env_with_keys, write_config
 
 proc_factory = test_cli.proc_factory  # real processes, as test_cli starts them
 EXAMPLE = Path(__file__).parents[2] / "config.example.toml"
@@ -410,7 +410,7 @@ def test_rotated_keys_file_takes_effect_without_a_restart(
     publish(secret_dir, 1, KEYS.format(name="team", key=old_key))
     extra = f'client_api_keys_file = "{secret_dir}/keys.toml"\nclient_api_keys_file_interval = 0.05'
     proc = proc_factory(["-c", str(write_config(tmp_path, upstream.url, extra))])
-    port = int(proc.wait_line(LISTENING).group(1))
+    port = int(proc.wait_line(READY).group(1))
     assert "2 client key(s) [default, team]" in proc.output
 
     def status(key: str) -> int:

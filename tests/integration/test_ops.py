@@ -6,6 +6,8 @@ import dataclasses
 import json
 import re
 import ssl
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -16,6 +18,7 @@ import anthropic
 import openai
 import pytest
 
+from claude_proxy.cli import EXIT_CHECK_FAILED, EXIT_CONFIG_ERROR, EXIT_OK, main
 from claude_proxy.config import AdminConfig, ClientKey, TlsConfig, UpstreamAuthConfig
 from claude_proxy.credentials import make_auth
 
@@ -291,3 +294,78 @@ def test_tls_listener_serves_the_sdk_and_reloads(mock, make_proxy, tmp_path: Pat
         request_bytes("POST", "/anthropic/v1/messages", [("x-api-key", CLIENT_KEY)], b"{}"),
     )
     assert resp.status in (200, 400)
+
+
+def break_tls(tmp_path: Path, breakage: str) -> tuple[str, str, str, str]:
+    """A certificate/key pair broken as named: (cert, key, the file to blame, the reason)."""
+    cert_path, key_path, _ = tls_files(tmp_path, "served")
+    if breakage == "missing":
+        Path(cert_path).unlink()
+        return cert_path, key_path, cert_path, "cannot read: No such file or directory"
+    if breakage == "not-pem":
+        Path(cert_path).write_text("not a certificate\n")
+        return cert_path, key_path, cert_path, "not a PEM certificate"
+    if breakage == "mismatch":
+        other_key = tls_files(tmp_path, "other")[1]
+        return cert_path, other_key, other_key, f"does not match the certificate in {cert_path}"
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    Path(key_path).write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    return cert_path, key_path, key_path, "the private key is encrypted"
+
+
+@pytest.mark.parametrize(
+    ("breakage", "workers"),
+    [("missing", 1), ("not-pem", 1), ("mismatch", 1), ("encrypted", 1), ("mismatch", 2)],
+)
+def test_bad_tls_certificate_is_named_not_cannot_listen(
+    tmp_path: Path, upstream: RawUpstream, breakage: str, workers: int
+) -> None:
+    """Start-up with an unusable certificate or key: exit 2 naming the file and the cause
+    (not 'cannot listen on', not a worker restarted every second)."""
+    from .test_cli import env_with_keys, write_config
+
+    cert, key, blamed, reason = break_tls(tmp_path, breakage)
+    tls = f'[tls]\nmode = "manual"\ncert_path = "{cert}"\nkey_path = "{key}"\nhttps_port = 0\n'
+    path = write_config(tmp_path, upstream.url, f"workers = {workers}\n{tls}")
+    done = subprocess.run(
+        [sys.executable, "-m", "claude_proxy", "-c", str(path)],
+        env=env_with_keys(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,  # an encrypted key must not wait for a passphrase
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == EXIT_CONFIG_ERROR, output
+    assert f"{blamed}: {reason}" in output
+    assert "cannot listen on" not in output and "Traceback" not in output
+
+
+def test_check_reports_a_bad_tls_certificate(
+    tmp_path: Path,
+    upstream: RawUpstream,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from .test_cli import env_with_keys, write_config
+
+    for name, value in env_with_keys().items():
+        monkeypatch.setenv(name, value)
+    cert, key, blamed, reason = break_tls(tmp_path, "mismatch")
+    tls = f'[tls]\nmode = "manual"\ncert_path = "{cert}"\nkey_path = "{key}"\nhttps_port = 0\n'
+    path = write_config(tmp_path, upstream.url, tls)
+    assert main(["check", "-c", str(path)]) == EXIT_CHECK_FAILED
+    out = capsys.readouterr().out
+    assert f"tls files:    FAILED: tls.key_path {blamed}: {reason}" in out
+    good_cert, good_key, _ = tls_files(tmp_path, "good")
+    path.write_text(path.read_text().replace(cert, good_cert).replace(key, good_key))
+    assert main(["check", "-c", str(path)]) == EXIT_OK
+    assert f"tls files:    {good_cert} and {good_key} load" in capsys.readouterr().out
