@@ -45,7 +45,7 @@ from .config import (
 )
 from .credentials import TokenAuth, UpstreamAuth, describe_credential_error, make_auth
 from .errors import ConfigError
-from .logs import configure_logging, flush_handlers, register_secret, set_level
+from .logs import configure_logging, flush_handlers, register_secret, reopen_logs, set_level
 from .server import ProxyServer
 from .tls import CertificateError, server_tls_context
 
@@ -71,7 +71,9 @@ OVERRIDES = {
     "workers": "workers",
 }
 HELD_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name)
+    getattr(signal, name)
+    for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGUSR1")
+    if hasattr(signal, name)
 )
 DEMO_CLIENT_KEY = "demo-key"
 DEMO_UPSTREAM_KEY = "mock-upstream-key"
@@ -234,7 +236,7 @@ def start(args: argparse.Namespace, argv: list[str]) -> int:
         return failed(EXIT_CONFIG_ERROR, f"config error: {exc}", logged=False)
     worker = supervisor.worker_sockets()
     log_config = loaded.config.logging
-    if worker is not None and log_config.log_path:
+    if worker is not None and (log_config.log_path or log_config.access_log_path):
         # one file per worker: rotation by several processes of one file would collide
         log_config = dataclasses.replace(
             log_config, log_prefix=f"{log_config.log_prefix}-{worker[1]}"
@@ -523,6 +525,8 @@ def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
     }
     if hasattr(signal, "SIGHUP"):
         actions[signal.SIGHUP] = on_hup
+    if hasattr(signal, "SIGUSR1"):
+        actions[signal.SIGUSR1] = reopen_logs  # logrotate moved the files away
     for sig, handler in actions.items():
         try:
             loop.add_signal_handler(sig, handler)
@@ -569,7 +573,14 @@ async def serve(
     """
     config = loaded.config
     auth = make_auth(config.upstream_auth)
-    server = ProxyServer(config, auth, sockets=sockets, serve_admin=not sockets)
+    worker = supervisor.worker_sockets()
+    server = ProxyServer(
+        config,
+        auth,
+        sockets=sockets,
+        serve_admin=not sockets,
+        worker=worker[1] if worker is not None else None,
+    )
     running = loaded
     started = False
     reload_held = False
@@ -620,13 +631,10 @@ async def serve(
             await stop.wait()
     timeout = running.config.shutdown_timeout
     logger.info("shutting down: draining for up to %gs", timeout)
-    shutdown = asyncio.ensure_future(server.shutdown(timeout))
-    # shutdown() closes the listeners before its first await: one loop turn later they are
-    # closed, so this line is true when it is printed (process tests wait for it)
-    await asyncio.sleep(0)
+    server.stop_accepting()
     if not sockets:
-        announce("draining: no longer accepting")
-    drained = await shutdown
+        announce("draining: no longer accepting")  # true when printed: the listeners are shut
+    drained = await server.shutdown(timeout)
     logger.info("stopped%s", "" if drained else " (some connections were cut at the deadline)")
     return EXIT_OK
 

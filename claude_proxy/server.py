@@ -54,6 +54,7 @@ from .logs import flush_handlers
 from .metrics import Metrics, exposition
 from .relay import ABANDONED, Exchange, RequestHead
 from .telemetry import Telemetry, from_config
+from .tls import CertificateError, load_certificate, server_tls_context
 from .upstream import Origin, UpstreamPool
 
 logger = logging.getLogger(__name__)
@@ -726,10 +727,24 @@ class ProxyServer:
         if self.tls_context is not None and config.tls.mode == "manual":
             try:
                 load_certificate(self.tls_context, config)
-            except (OSError, ssl.SSLError) as exc:
+            except CertificateError as exc:
                 logger.error("TLS certificate not reloaded, keeping the old one: %s", exc)
             else:
                 logger.info("TLS certificate reloaded from %s", config.tls.cert_path)
+
+    def stop_accepting(self) -> None:
+        """The first step of a shutdown: the listeners close now, open connections are told
+        to finish what they are doing and close. Calling it again does nothing more."""
+        state = self.state
+        if state is None or state.draining:
+            return
+        state.draining = True
+        if self.metrics is not None:
+            self.metrics.refresh()
+        for server in self._servers:
+            server.close()
+        for conn in list(state.connections):
+            conn.start_draining()
 
     async def shutdown(self, timeout: float | None = None) -> bool:
         """Stop accepting, drain in-flight exchanges up to ``timeout``, then abort the rest.
@@ -740,13 +755,7 @@ class ProxyServer:
         if state is None:
             return True
         timeout = self.config.shutdown_timeout if timeout is None else timeout
-        state.draining = True
-        if self.metrics is not None:
-            self.metrics.refresh()
-        for server in self._servers:
-            server.close()
-        for conn in list(state.connections):
-            conn.start_draining()
+        self.stop_accepting()
         drained = await self._wait_drained(timeout)
         for conn in list(state.connections):
             conn.drain_cut()
@@ -786,19 +795,6 @@ class ProxyServer:
         except TimeoutError:
             return False
         return True
-
-
-def load_certificate(context: ssl.SSLContext, config: Config) -> None:
-    assert config.tls.cert_path is not None
-    context.load_cert_chain(config.tls.cert_path, config.tls.key_path)
-
-
-def server_tls_context(config: Config) -> ssl.SSLContext:
-    """The client-facing TLS context; ``load_cert_chain`` again on reload swaps the cert."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.set_alpn_protocols(["http/1.1"])
-    load_certificate(context, config)
-    return context
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from .admin import AdminServer
 from .config import Config
-from .logs import flush_handlers
+from .logs import flush_handlers, reopen_logs
 from .metrics import READY as READY_METRIC
 from .metrics import multiprocess_exposition, multiprocess_registry, sample_value
 from .server import listen_socket
@@ -181,6 +181,11 @@ class Supervisor:
         self.failure = self.failure or StartupError(f"cannot run a worker: {exc}")
         self._on_stop()
 
+    def _reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): this process's files, then each worker's."""
+        reopen_logs()
+        self._signal_all(signal.SIGUSR1)
+
     def _ready(self, worker: Worker) -> None:
         """A worker's handlers exist and it accepts: deliver what it was spared while starting."""
         worker.ready = True
@@ -265,6 +270,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop)
         loop.add_signal_handler(signal.SIGHUP, self._signal_all, signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         if any(sig != signal.SIGHUP for sig in early_signals):
             return 0  # stopped before anything started; a SIGHUP needs nothing: none runs yet
         socks = self._bind()

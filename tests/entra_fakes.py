@@ -35,7 +35,8 @@ class FakeEntra:
     """Token endpoint (``/<tenant>/oauth2/v2.0/token``) and managed-identity endpoints.
 
     ``mode``: ok | error | hang | garbage; ``lifetime``: seconds a token lives;
-    ``delay``: seconds before answering.
+    ``delay``: seconds before answering; ``hold``: an event token requests wait for (set
+    it to let them through).
     """
 
     def __init__(self, lifetime: int = 3600, delay: float = 0.0) -> None:
@@ -46,6 +47,7 @@ class FakeEntra:
         self.forms: list[dict[str, str]] = []
         self.mi_requests: list[dict[str, Any]] = []
         self.issued: list[str] = []
+        self.hold: threading.Event | None = None
         self._cond = threading.Condition()
 
     def wait_count(self, n: int, timeout: float = 10.0) -> None:
@@ -68,6 +70,9 @@ class FakeEntra:
         """The failure modes: None means answer normally."""
         if self.delay:
             await asyncio.sleep(self.delay)
+        hold = self.hold
+        if hold is not None:
+            await asyncio.get_running_loop().run_in_executor(None, hold.wait, 20)
         if self.mode == "hang":
             await asyncio.sleep(3600)
         if self.mode == "error":
