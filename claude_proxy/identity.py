@@ -346,6 +346,10 @@ class Authenticator:
         keys = config.client_keys()
         self.ring = KeyRing(keys)
         self.rules = {k.name: Rules.of_key(k) for k in keys}
+        # one Identity per key, made once: the request path only looks it up
+        self._keys = {
+            k.name: Identity("key", k.name, k.name, k.name, self.rules[k.name]) for k in keys
+        }
         self.passthrough = config.passthrough_unauthenticated
         self.validator = validator
 
@@ -368,7 +372,7 @@ class Authenticator:
         for key in creds.keys:
             name = self.ring.match(key)
             if name is not None:
-                return Identity("key", name, name, name, self.rules.get(name))
+                return self._keys[name]
         token = self._token(creds)
         if token is None:
             raise Unauthorized("Invalid API key for this proxy.")

@@ -93,24 +93,36 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"
 
 
 class Req(enum.Enum):
-    """Where the request direction is."""
+    """Where the request direction is. ``reading``: more body is to come; ``feeds``: that
+    body goes somewhere (held, or upstream), so the request may pause the client; ``final``:
+    this direction is over. (Kept on the members: cheaper to read than a set to hash into.)"""
 
-    BUFFERING = "buffering"  # body arriving, no upstream yet: held in memory
-    BUFFERED = "buffered"  # body complete, no upstream yet
-    STREAMING = "streaming"  # body arriving, written upstream as it comes
-    SENT = "sent"  # the whole request went upstream
-    DISCARDING = "discarding"  # body arriving after the answer: read and dropped
-    DISCARDED = "discarded"  # the whole request was read, and not (all) sent
-    ABANDONED = "abandoned"  # the connection is cut: nothing more is read
+    BUFFERING = ("buffering", True, True, False)  # body arriving, no upstream yet: held
+    BUFFERED = ("buffered", False, False, False)  # body complete, no upstream yet
+    STREAMING = ("streaming", True, True, False)  # body arriving, written upstream as it comes
+    SENT = ("sent", False, False, True)  # the whole request went upstream
+    DISCARDING = ("discarding", True, False, False)  # body arriving after the answer: dropped
+    DISCARDED = ("discarded", False, False, True)  # the whole request was read, not (all) sent
+    ABANDONED = ("abandoned", False, False, True)  # the connection is cut: nothing more is read
+
+    def __init__(self, label: str, reading: bool, feeds: bool, final: bool) -> None:
+        self.label = label
+        self.reading = reading
+        self.feeds = feeds
+        self.final = final
 
 
 class Resp(enum.Enum):
-    """Where the response direction is."""
+    """Where the response direction is; ``final``: this direction is over."""
 
-    WAITING = "waiting"  # nothing sent to the client yet
-    BODY = "body"  # the upstream's head went out, its body is being relayed
-    DONE = "done"  # a complete response went out (relayed or proxy-made)
-    FAILED = "failed"  # cut short: the client sees a truncated response, or none
+    WAITING = ("waiting", False)  # nothing sent to the client yet
+    BODY = ("body", False)  # the upstream's head went out, its body is being relayed
+    DONE = ("done", True)  # a complete response went out (relayed or proxy-made)
+    FAILED = ("failed", True)  # cut short: the client sees a truncated response, or none
+
+    def __init__(self, label: str, final: bool) -> None:
+        self.label = label
+        self.final = final
 
 
 BUFFERING, BUFFERED, STREAMING, SENT = Req.BUFFERING, Req.BUFFERED, Req.STREAMING, Req.SENT
@@ -127,9 +139,6 @@ class Stage(enum.IntEnum):
 
 
 IDENTIFY, ADMIT, CREDENTIAL = Stage.IDENTIFY, Stage.ADMIT, Stage.CREDENTIAL
-READING: Final = frozenset({BUFFERING, STREAMING, DISCARDING})  # more body is to come
-REQUEST_FINAL: Final = frozenset({SENT, DISCARDED, ABANDONED})
-RESPONSE_FINAL: Final = frozenset({DONE, FAILED})
 
 
 @dataclass(slots=True)
@@ -250,7 +259,6 @@ class Exchange:
         "until_close",
         "upstream",
         "upstream_head",
-        "wall_start",
         "watch_bytes",
         "watch_since",
     )
@@ -294,7 +302,6 @@ class Exchange:
         self.bytes_in = 0
         self.bytes_out = 0
         self.t_start = time.perf_counter()
-        self.wall_start = time.time()
         self.t_first = 0.0
         self.t_end = 0.0
         self.watch_bytes = -1
@@ -307,30 +314,34 @@ class Exchange:
 
     @property
     def finished(self) -> bool:
-        return self.req in REQUEST_FINAL and self.resp in RESPONSE_FINAL
+        return self.req.final and self.resp.final
 
     # ================================================================ transitions
 
     def _to(self, req: Req | None = None, resp: Resp | None = None) -> None:
         """The one place states change; entering a state does its duties."""
-        was_finished = self.finished
+        was_finished = self.req.final and self.resp.final
         if req is not None and req is not self.req:
             self.req = req
-            if req is not BUFFERING and req is not STREAMING:
+            if not req.feeds:
                 # the request no longer feeds anything: its pauses on the client go with it
-                self.client.gate.resume(REQUEST_OWNERS)
+                gate = self.client.gate
+                if gate.owners & REQUEST_OWNERS:
+                    gate.resume(REQUEST_OWNERS)
                 if req is not SENT and req is not BUFFERED:
                     self.pending = []
                     self.replay = None
         if resp is not None and resp is not self.resp:
             self.resp = resp
-            if resp is DONE or resp is FAILED:
-                self._cancel_task()
-                self._detach_upstream(reusable=False)
+            if resp.final:
+                if self.task is not None:
+                    self._cancel_task()
+                if self.upstream is not None:
+                    self._detach_upstream(reusable=False)
                 if self.req is BUFFERED:
                     self.req = DISCARDED  # complete, never sent
                     self.pending = []
-        if not was_finished and self.finished:
+        if not was_finished and self.req.final and self.resp.final:
             self._finish()
 
     def _detach_upstream(self, reusable: bool) -> None:
@@ -339,7 +350,9 @@ class Exchange:
         if upstream is None:
             return
         self.upstream = None
-        self.client.gate.resume(UPSTREAM_FULL)
+        gate = self.client.gate
+        if gate.owners & UPSTREAM_FULL:
+            gate.resume(UPSTREAM_FULL)
         upstream.finish(reusable)
 
     def _cancel_task(self) -> None:
@@ -365,19 +378,28 @@ class Exchange:
         """Identify the client, admit it under its limits, pick the upstream credential and
         open the upstream. Each stage that can be decided now is; the first that must wait
         (a signing key, Redis, the whole body for its model, a token) continues in a task."""
+        shared = self.shared
         try:
             creds = presented(self.head.headers, self.head.scan.lnames)
-            if not self._identify_now(creds):
+            identity = shared.authenticator.identify_now(creds)
+            if identity is None:  # a token whose signing key must be fetched first
                 self._spawn(self._start_slow(IDENTIFY, creds))
-            elif not self._admit_now():
+                return
+            self._identified(identity)
+            if shared.limiter is not None and not self._admit_now():
                 self._spawn(self._start_slow(ADMIT, creds))
-            elif not self._credential_now():
-                self._spawn(self._start_slow(CREDENTIAL, creds))
-            else:
-                self._build_upstream_head()
-                self._open_upstream()
+                return
+            if identity is not PASSTHROUGH_IDENTITY:
+                credential = shared.auth.credential_now()
+                if credential is None:  # cold start: a token is on its way
+                    self._spawn(self._start_slow(CREDENTIAL, creds))
+                    return
+                self.credential = credential
+            self._build_upstream_head()
         except ProxyError as exc:
             self._refuse(exc)
+            return
+        self._open_upstream()
 
     async def _start_slow(self, stage: Stage, creds: Presented) -> None:
         try:
@@ -400,13 +422,6 @@ class Exchange:
         self.respond_error(exc)
 
     # ---------------------------------------------------------------- identity
-
-    def _identify_now(self, creds: Presented) -> bool:
-        identity = self.shared.authenticator.identify_now(creds)
-        if identity is None:
-            return False  # a token whose signing key must be fetched first
-        self._identified(identity)
-        return True
 
     def _identified(self, identity: Identity) -> None:
         self.identity = identity
@@ -472,17 +487,6 @@ class Exchange:
         if self.request_model is None and self.body_read:
             self.request_model = model_of(b"".join(self.body_read))
         return self.request_model
-
-    # ---------------------------------------------------------------- upstream credential
-
-    def _credential_now(self) -> bool:
-        if self.identity is PASSTHROUGH_IDENTITY:
-            return True  # relayed untouched: the client's own credentials go
-        credential = self.shared.auth.credential_now()
-        if credential is None:
-            return False  # cold start: a token is on its way
-        self.credential = credential
-        return True
 
     def _build_upstream_head(self) -> None:
         shared = self.shared
@@ -552,7 +556,9 @@ class Exchange:
             self.replay_bytes = size
         # Lift the buffer's pause before writing: if this write fills the upstream's buffer,
         # its pause_writing must be the last word on whether the client is read.
-        self.client.gate.resume(BUFFER_FULL)
+        gate = self.client.gate
+        if gate.owners & BUFFER_FULL:
+            gate.resume(BUFFER_FULL)
         self._to(req=SENT if self.req is BUFFERED else STREAMING)
         conn.write(b"".join(out) if len(out) > 1 else out[0])
         if self.head.expect_continue and self.req is STREAMING and self.bytes_in == 0:
@@ -646,7 +652,7 @@ class Exchange:
             self.until_close = self.close_after = True  # close-delimited upstream body
         self.chunked_out = chunked
         self.close_delimited = has_body and not chunked and found.content_length is None
-        if self.req in READING and not self._can_discard_rest():
+        if self.req.reading and not self._can_discard_rest():
             self.close_after = True
         if self.client.draining:
             self.close_after = True
@@ -706,7 +712,7 @@ class Exchange:
 
     def _end_response(self) -> None:
         """The client has the whole response; a request still arriving is discarded."""
-        if self.req in READING and self.req is not DISCARDING:
+        if self.req.reading and self.req is not DISCARDING:
             if self.close_after:
                 self._to(req=ABANDONED, resp=DONE)
                 return
@@ -789,7 +795,7 @@ class Exchange:
         self._detach_upstream(reusable=False)
         if isinstance(error, BadRequest) or self.client.draining:
             self.close_after = True
-        if self.req in READING and not self._can_discard_rest():
+        if self.req.reading and not self._can_discard_rest():
             self.close_after = True
         body = render_error(
             error,
@@ -812,7 +818,7 @@ class Exchange:
             self.outcome = outcome
         self.close_after = True
         self.client.abort(reset=self.close_delimited and self.resp is BODY)
-        self._to(req=ABANDONED if self.req not in REQUEST_FINAL else None, resp=FAILED)
+        self._to(req=ABANDONED if not self.req.final else None, resp=FAILED)
 
     def reject_request(self, error: ProxyError) -> None:
         """The request turned out malformed mid-body: nothing more of it is read or sent."""
@@ -832,7 +838,7 @@ class Exchange:
             self.outcome = "client_aborted"
             self.status = self.status or 499
         self.close_after = True
-        req = ABANDONED if self.req not in REQUEST_FINAL else None
+        req = ABANDONED if not self.req.final else None
         self._to(req=req, resp=FAILED if self.resp is not DONE else None)
 
     def drain_cut(self) -> None:
@@ -855,7 +861,7 @@ class Exchange:
         if now - self.watch_since < idle_timeout:
             return
         client_to_blame = self.req is DISCARDING or (
-            self.req in READING and not self.client.gate.holds(UPSTREAM_FULL)
+            self.req.reading and not self.client.gate.holds(UPSTREAM_FULL)
         )
         if self.resp is WAITING:
             if client_to_blame:
@@ -911,7 +917,7 @@ class Exchange:
         ua = head.scan.user_agent
         return ExchangeRecord(
             request_id=self.shared.next_request_id(),
-            start_time=self.wall_start,
+            start_time=time.time() - (time.perf_counter() - self.t_start),
             client_key=self.key_name or PASSTHROUGH,
             client_addr=self.client.peer(),
             method=head.method.decode("latin-1"),

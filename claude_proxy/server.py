@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 CLOSE_TIMEOUT: Final = 10.0
 MAX_QUEUED_BODY: Final = 1024 * 1024
 _LINGER_ZERO: Final = struct.pack("ii", 1, 0)
+_NO_TRAILERS: Final[list[tuple[bytes, bytes]]] = []  # shared, never changed
 
 
 class Phase(enum.Enum):
@@ -188,6 +189,8 @@ class Queued:
     def on_request_body(self, data: bytes) -> None:
         self.body.append(data)
         self.body_bytes += len(data)
+        if self.body_bytes > MAX_QUEUED_BODY:
+            raise HeadersTooLarge("Pipelined request body too large to hold.")
 
     def on_request_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self.trailers = trailers
@@ -241,12 +244,14 @@ class ClientConnection(Batched, asyncio.Protocol):
         self._head_size = 0  # bytes of the target and the complete header lines
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._trailers: list[tuple[bytes, bytes]] | None = None  # set once the head is done
+        self._trailers: list[tuple[bytes, bytes]] | None = None  # made when a trailer comes
 
     def _enter(self, phase: Phase) -> None:
-        """The one place the phase changes; its deadline counts from now."""
+        """The one place the phase changes; its deadline counts from now (an exchange keeps
+        its own clock, by the bytes it moves)."""
         self.phase = phase
-        self.phase_since = self.loop.time()
+        if phase is not EXCHANGE:
+            self.phase_since = self.loop.time()
 
     # ---------------------------------------------------------------- asyncio.Protocol
 
@@ -332,8 +337,10 @@ class ClientConnection(Batched, asyncio.Protocol):
             raise UriTooLong("Request target too long.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._trailers is not None:
-            self._trailers.append((name, value))  # a trailer: never one of the head's fields
+        if not self._in_head:  # a trailer: never one of the head's fields
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
             return
         self._headers.append((name, value))
         self._head_size += len(name) + len(value) + 4
@@ -345,7 +352,6 @@ class ClientConnection(Batched, asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._trailers = []
         head = self._request_head()
         if self.active is None:
             self._start(head)
@@ -358,12 +364,10 @@ class ClientConnection(Batched, asyncio.Protocol):
         reading = self.reading
         if reading is not None:
             reading.on_request_body(body)
-            if isinstance(reading, Queued) and reading.body_bytes > MAX_QUEUED_BODY:
-                raise HeadersTooLarge("Pipelined request body too large to hold.")
 
     def on_message_complete(self) -> None:
         reading, self.reading = self.reading, None
-        trailers, self._trailers = self._trailers or [], None
+        trailers, self._trailers = self._trailers or _NO_TRAILERS, None
         if reading is not None:
             reading.on_request_complete(trailers)
 
@@ -435,7 +439,7 @@ class ClientConnection(Batched, asyncio.Protocol):
             self._start(queued.head, queued)
         else:
             self._enter(HEAD if self._in_head else IDLE)
-        if not self.queue and self.phase is not CLOSING:
+        if not self.queue and self.gate.owners & PIPELINE and self.phase is not CLOSING:
             self.gate.resume(PIPELINE)  # nothing parsed is waiting: read what comes next
 
     # ---------------------------------------------------------------- used by Exchange
