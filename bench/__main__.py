@@ -81,9 +81,22 @@ LARGE = 10 * 1024 * 1024
 # process of its own under the plain rows' load (small POST, c=64), between two runs of the plain
 # config, and is reported as CPU per request added and throughput change against them. In the
 # TOML, ${work} is a directory of the variant's own ($$ for a literal $). Add a row per feature.
+# A key with limits: the client's key moves from client_api_key to a named, limited entry.
+LIMITED_KEY = (
+    'client_api_key = "bench-unused-key"\n'
+    "[[client_api_keys]]\n"
+    'name = "team"\n'
+    f'key = "{KEY}"\n'
+    "requests_per_minute = 1000000000\n"
+    "tokens_per_minute = 1000000000\n"
+    "max_concurrent = 100000\n"
+)
 FEATURES: list[tuple[str, str]] = [
     ("metrics", "[admin]\nport = 0\n"),
     ("access log file", '[logging]\nlevel = "info"\nlog_path = "${work}/logs"\n'),
+    ("key with limits, in-process", LIMITED_KEY),
+    ("key with limits, Redis on loopback", LIMITED_KEY + '[limits]\nredis_url = "${redis}"\n'),
+    ("telemetry, sample 1.0", '[telemetry]\notlp_endpoint = "${otlp}"\nsample_ratio = 1.0\n'),
 ]
 # The rows compared with the baseline (small POST concurrency); in a smoke run, every row.
 BASELINE_CONNS = (1, 64, 256)
@@ -223,6 +236,8 @@ class Env:
     ngx: int = field(default_factory=free_port)
     ngx_tls: int = field(default_factory=free_port)
     ngx_sse: int = field(default_factory=free_port)
+    redis: int = field(default_factory=free_port)  # a redis-server for the limits rows
+    otlp: int = field(default_factory=free_port)  # an OTLP sink for the telemetry row
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(self, cmd: list[str], **kw: Any) -> subprocess.Popen[bytes]:
@@ -267,6 +282,12 @@ UPSTREAM_SERVERS = """
         location = /large {{ alias {work}/large.bin; }}
         location = {unread} {{ default_type text/plain; return 200 "{reply}"; }}
         location / {{ default_type application/json; return 200 "{reply}"; }}
+    }}
+    # an OTLP/HTTP sink for the telemetry row: every export is accepted
+    server {{
+        listen 127.0.0.1:{otlp};
+        client_max_body_size 0;
+        location / {{ default_type application/x-protobuf; return 200 ""; }}
     }}
 """
 
@@ -319,7 +340,12 @@ def start_servers(env: Env) -> None:
         env,
         "upstream",
         UPSTREAM_SERVERS.format(
-            up=env.up, up_tls=env.up_tls, work=env.work, reply=SMALL_REPLY, unread=UNREAD_PATH
+            up=env.up,
+            up_tls=env.up_tls,
+            work=env.work,
+            reply=SMALL_REPLY,
+            unread=UNREAD_PATH,
+            otlp=env.otlp,
         ),
     )
     px = write_nginx(
@@ -336,6 +362,10 @@ def start_servers(env: Env) -> None:
         ),
     )
     env.start([*pin(LOAD_CORES), nginx, "-c", str(up), "-g", "daemon off;"])
+    redis = shutil.which("redis-server")
+    if redis is not None:  # for the limits row (install-tools.sh installs it)
+        args = ["--port", str(env.redis), "--bind", "127.0.0.1", "--save", ""]
+        env.start([*pin(LOAD_CORES), redis, *args, "--appendonly", "no", "--dir", str(env.work)])
     env.start([*pin(RELAY_CORE), nginx, "-c", str(px), "-g", "daemon off;"])
     events, interval = (40, 0.05) if env.smoke else (200, 0.05)
     env.start(
@@ -351,8 +381,10 @@ def start_servers(env: Env) -> None:
         ],
         cwd=ROOT,
     )
-    for port in (env.up, env.up_tls, env.ngx, env.ngx_tls, env.sse, env.ngx_sse):
+    for port in (env.up, env.up_tls, env.ngx, env.ngx_tls, env.sse, env.ngx_sse, env.otlp):
         wait_port(port)
+    if redis is not None:
+        wait_port(env.redis)
 
 
 def base_config(upstream: str, port: int, workers: int) -> dict[str, Any]:
@@ -381,7 +413,15 @@ def claude_proxy(
     work = env.work / f"cp-{port}"
     work.mkdir()
     conf = work / "config.toml"
-    conf.write_text(config_text(base_config(upstream, port, workers), extra, work=str(work)))
+    conf.write_text(
+        config_text(
+            base_config(upstream, port, workers),
+            extra,
+            work=str(work),
+            redis=f"redis://127.0.0.1:{env.redis}/0",
+            otlp=f"http://127.0.0.1:{env.otlp}",
+        )
+    )
     conf.chmod(0o600)
     cmd = [PY, "-m", "claude_proxy", "-c", str(conf)]
     if workers == 1:
@@ -868,7 +908,13 @@ def main(argv: list[str] | None = None) -> int:
                 env.baseline = stack.enter_context(baseline_build(args.baseline, env.work))
             for name, toml in FEATURES:  # a typo in a feature row stops the run before any load
                 try:
-                    config_text(base_config("http://127.0.0.1:1", 1, 1), toml, work=tmp)
+                    config_text(
+                        base_config("http://127.0.0.1:1", 1, 1),
+                        toml,
+                        work=tmp,
+                        redis="redis://127.0.0.1:1/0",
+                        otlp="http://127.0.0.1:1",
+                    )
                 except ValueError as exc:
                     raise ValueError(f"FEATURES row {name!r}: {exc}") from None
             builds = [env.current, *filter(None, [env.baseline])]
