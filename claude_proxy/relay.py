@@ -247,7 +247,6 @@ class Exchange:
         "req",
         "request_model",
         "resp",
-        "response_scan",
         "sent_traceparent",
         "shared",
         "status",
@@ -259,6 +258,7 @@ class Exchange:
         "until_close",
         "upstream",
         "upstream_head",
+        "upstream_request_id",
         "watch_bytes",
         "watch_since",
     )
@@ -295,7 +295,7 @@ class Exchange:
         self.discarded = 0
         self.status = 0
         self.interim = 0
-        self.response_scan: hdr.HeaderScan | None = None
+        self.upstream_request_id: bytes | None = None  # kept alone: a scan outlives a stream
         self.sent_traceparent: str | None = None  # the trace context sent upstream, if any
         self.reply: list[bytes] | None = None  # a JSON reply kept for its usage until complete
         self.stream_reader: StreamReader | None = None  # an event stream's usage, as it comes
@@ -642,7 +642,8 @@ class Exchange:
         self.replay = None
         self.status = status
         self.t_first = time.perf_counter()
-        found = self.response_scan = hdr.scan(headers)
+        found = hdr.scan(headers)
+        self.upstream_request_id = found.request_id
         has_body = self.head.method != b"HEAD" and status not in NO_BODY_STATUS
         chunked = has_body and found.chunked
         if chunked and not self.head.http11:
@@ -912,8 +913,7 @@ class Exchange:
         """What this exchange was, once it is finished."""
         tokens = usage[1] if usage is not None else None
         head = self.head
-        scanned = self.response_scan
-        rid = scanned.request_id if scanned is not None else None
+        rid = self.upstream_request_id
         ua = head.scan.user_agent
         return ExchangeRecord(
             request_id=self.shared.next_request_id(),

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
+from claude_proxy.flow import UPSTREAM_FULL
 from claude_proxy.record import ExchangeRecord
 
 from ..helpers import (
@@ -360,29 +361,43 @@ def _send_in_thread(sock: socket.socket, data: bytes) -> threading.Thread:
 def test_large_upload_with_an_early_answer_is_answered_and_discarded(
     make_upstream: Make, make_proxy: Callable[..., ProxyHandle], answer: str
 ) -> None:
-    # 413: answered after the head, announcing its close, while it goes on reading (as a
-    # server must, RFC 9112 §9.6, or its reset could destroy its own answer); reset: gone.
+    # 413: answered while the upload is under way, announcing its close (a server that then
+    # goes on reading, RFC 9112 §9.6, or its reset could destroy its own answer); reset: gone.
+    # Either comes once the proxy has paused its client for the upstream, which reads no more.
+    go = threading.Event()
     if answer == "reset":
-        script: list[object] = [RESET]
+        script: list[object] = [go, RESET]
     else:
         script = [
-            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig"
+            go,
+            b"HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 3\r\n\r\nbig",
         ]
 
     def handler(rec: Recorded) -> list[object]:
         return script if rec.target == b"/upload" else [ok_response(b"after")]
 
     up = make_upstream(handler, respond_after_body=False)
+    up.hold_body = True  # it reads no more of the body: the proxy must pause its client
     proxy = make_proxy(up.url)  # idle_timeout is 600 s: a stall would fail the test's timeout
-    body = b"a" * (8 * 1024 * 1024)
-    with raw_connect(proxy.port, timeout=20) as sock:
-        sender = _send_in_thread(sock, request_bytes("POST", "/upload", [KEY], body))
-        resp = read_response(sock, timeout=20)
-        assert resp.status == (413 if answer != "reset" else 502)
-        sender.join(20)
-        assert not sender.is_alive()  # the proxy read the whole body
-        sock.sendall(request_bytes("GET", "/next", [KEY]))  # discarded, then reused
-        assert read_response(sock, timeout=20).body == b"after"
+    state = proxy.server.state
+    assert state is not None
+    body = b"a" * (15 * 1024 * 1024)  # more than loopback's socket buffers hold
+    try:
+        with raw_connect(proxy.port, timeout=20) as sock:
+            sender = _send_in_thread(sock, request_bytes("POST", "/upload", [KEY], body))
+            wait_until(
+                lambda: any(c.gate.holds(UPSTREAM_FULL) for c in list(state.connections)),
+                timeout=20,
+            )
+            go.set()
+            resp = read_response(sock, timeout=20)
+            assert resp.status == (413 if answer != "reset" else 502)
+            sender.join(20)
+            assert not sender.is_alive()  # the proxy read the whole body
+            sock.sendall(request_bytes("GET", "/next", [KEY]))  # discarded, then reused
+            assert read_response(sock, timeout=20).body == b"after"
+    finally:
+        go.set()
 
 
 def test_proxy_error_while_the_client_is_paused_resumes_reading(
@@ -395,7 +410,7 @@ def test_proxy_error_while_the_client_is_paused_resumes_reading(
     silent.listen(8)
     try:
         proxy = make_proxy(f"https://127.0.0.1:{silent.getsockname()[1]}", connect_timeout=0.5)
-        body = b"b" * (4 * 1024 * 1024)
+        body = b"b" * (15 * 1024 * 1024)  # more than loopback's socket buffers hold
         with raw_connect(proxy.port, timeout=20) as sock:
             sender = _send_in_thread(sock, request_bytes("POST", "/x", [KEY], body))
             resp = read_response(sock, timeout=20)
@@ -441,9 +456,13 @@ def test_queued_request_never_writes_into_the_active_stream(
     up = make_upstream(handler)
     proxy = make_proxy(up.url, idle_timeout=0.5)
     with raw_connect(proxy.port, timeout=10) as sock:
-        sock.sendall(request_bytes("GET", "/stream", [KEY]) + request_bytes("GET", "/two", [KEY]))
-        first, second = read_responses(sock, 2, timeout=10)
-    assert first.status == 200 and first.body == b"event" * 6 and first.complete
+        two = request_bytes("POST", "/two", [KEY], b"0123456789")
+        # the second request's body is half there: its turn comes after the stream
+        sock.sendall(request_bytes("GET", "/stream", [KEY]) + two[:-5])
+        first = read_response(sock, timeout=10)
+        assert first.status == 200 and first.body == b"event" * 6 and first.complete
+        sock.sendall(two[-5:])
+        second = read_response(sock, timeout=10)
     assert second.status == 200 and second.body == b"second"
 
 
