@@ -220,8 +220,8 @@ class JwtValidator:
         kid = header.get("kid")
         key = self._keys.get(kid) if isinstance(kid, str) else None
         if key is None or self._stale():
-            if self._may_fetch():
-                return None
+            if self._may_fetch() or self._lock.locked():
+                return None  # a fetch may (or is about to) bring it: the caller awaits
             if key is None:
                 if not self._keys:
                     raise IssuerUnavailable(

@@ -383,6 +383,8 @@ class Exchange:
             creds = presented(self.head.headers, self.head.scan.lnames)
             identity = shared.authenticator.identify_now(creds)
             if identity is None:  # a token whose signing key must be fetched first
+                if shared.limiter is not None:
+                    self.body_read = []  # its policy may need the body's model: keep it all
                 self._spawn(self._start_slow(IDENTIFY, creds))
                 return
             self._identified(identity)
@@ -464,9 +466,12 @@ class Exchange:
         return True
 
     async def _admit_wait(self) -> None:
-        if not self._needs_admission():
-            return
-        if self.body_read is not None and self.req is BUFFERING:
+        if not self._needs_admission() or not self._needs_model():
+            self._stop_holding()
+            if not self._needs_admission():
+                return
+        elif self.req is BUFFERING:
+            assert self.body_read is not None  # set before any body could arrive
             self.body_done = asyncio.get_running_loop().create_future()
             await self.body_done
         limiter, identity = self.shared.limiter, self.identity
@@ -479,6 +484,14 @@ class Exchange:
             has_body=self._has_body(),
             display=identity.name,
         )
+
+    def _stop_holding(self) -> None:
+        """The body's model is not needed after all: from here it is held as any body is
+        (paused past the high-water mark), not whole."""
+        if self.body_read is not None:
+            self.body_read = None
+            if self.pending_bytes > PENDING_HIGH_WATER and self.req is BUFFERING:
+                self.client.gate.pause(BUFFER_FULL)
 
     def _has_body(self) -> bool:
         return self.head.chunked or bool(self.head.scan.content_length)
