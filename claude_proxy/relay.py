@@ -497,8 +497,10 @@ class Exchange:
         return self.head.chunked or bool(self.head.scan.content_length)
 
     def _request_model(self) -> str | None:
-        if self.request_model is None and self.body_read:
-            self.request_model = model_of(b"".join(self.body_read))
+        body_read = self.body_read
+        if body_read is not None and self.req is not BUFFERING:
+            self.body_read = None  # read once, whole: the copy goes, the body goes on as held
+            self.request_model = model_of(b"".join(body_read))
         return self.request_model
 
     def _build_upstream_head(self) -> None:
