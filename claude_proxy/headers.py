@@ -162,7 +162,7 @@ def upstream_request_head(
     """
     scanned = scanned or scan(headers)
     drop = _REQUEST_DROP | scanned.connection if scanned.connection else _REQUEST_DROP
-    trace_written = traceparent is None
+    trace_written = False
     lines = [method, b" ", prefix, target, b" HTTP/1.1\r\n"]
     host_written = False
     cred_written = credential is None
@@ -181,15 +181,14 @@ def upstream_request_head(
                 lines.append(b"Authorization: Bearer " + credential.value + b"\r\n")
             cred_written = True
             continue
-        if not trace_written and lname == b"traceparent":
-            lines.append(name + b": " + traceparent + b"\r\n")  # type: ignore[operator]
-            trace_written = True
-            continue
-        if lname == b"traceparent" and traceparent is not None:
+        if traceparent is not None and lname == b"traceparent":
+            if not trace_written:  # the first one carries ours; any further one goes
+                lines.append(name + b": " + traceparent + b"\r\n")
+                trace_written = True
             continue
         lines.append(name + b": " + value + b"\r\n")
-    if not trace_written:
-        lines.append(b"traceparent: " + traceparent + b"\r\n")  # type: ignore[operator]
+    if traceparent is not None and not trace_written:
+        lines.append(b"traceparent: " + traceparent + b"\r\n")
     if not host_written:
         lines.insert(5, b"Host: " + host + b"\r\n")
     if not cred_written and credential is not None:
