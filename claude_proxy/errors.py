@@ -153,8 +153,7 @@ class CredentialUnavailable(ProxyError):
 
 
 class InternalError(ProxyError):
-    status = 500
-    kind = "internal"
+    status = 500  # the proxy's own fault, not the upstream's: no upstream-error kind
 
 
 def error_body(error: ProxyError, family: Family) -> bytes:
