@@ -536,7 +536,7 @@ def _install_signals(stop: asyncio.Event, on_hup: Callable[[], None]) -> None:
         actions[sig]()
 
 
-def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
+def banner(loaded: Loaded, server: ProxyServer) -> str:
     config = loaded.config
     keys = config.client_keys()
     if keys:
@@ -546,12 +546,30 @@ def banner(loaded: Loaded, server: ProxyServer, auth: UpstreamAuth) -> str:
         who = "no client keys (every request gets the upstream credential)"
     lines = [
         f"claude-proxy {__version__} listening on http://{config.bind_address}:{server.port}",
-        f"  upstream {config.upstream_url}, auth {auth.description}, {who}",
+        *_upstream_lines(config, server, who),
         f"  config {loaded.path or '(none: environment and flags)'}",
     ]
     if server.tls_port:
         lines.insert(1, f"  and https://{config.bind_address}:{server.tls_port}")
     return "\n".join(lines)
+
+
+def _upstream_lines(config: Config, server: ProxyServer, who: str) -> list[str]:
+    if not config.upstreams:
+        return [f"  upstream {config.upstream_url}, auth {server.auth.description}, {who}"]
+    lines = []
+    for up in config.targets():
+        assert up.auth is not None
+        auth = server.auths[up.auth]
+        lines.append(
+            f"  upstream {up.name} {up.url} (priority {up.priority}, weight {up.weight}), "
+            f"auth {auth.description}"
+        )
+    if config.routes:
+        lines.append(f"  {len(config.routes)} route(s) by model")
+    on = ", ".join(str(s) for s in config.failover.on_status)
+    lines.append(f"  failover on {on} and connect failures, {who}")
+    return lines
 
 
 def listening(config: Config, server: ProxyServer) -> str:
@@ -572,7 +590,7 @@ async def serve(
     the admin listener). The handlers come first: a signal during start-up waits for it.
     """
     config = loaded.config
-    auth = make_auth(config.upstream_auth)
+    auth = make_auth(config.upstream_auth) if config.upstream_auth is not None else None
     worker = supervisor.worker_sockets()
     server = ProxyServer(
         config,
@@ -607,7 +625,7 @@ async def serve(
         return failed(EXIT_STARTUP_FAILURE, f"cannot listen on {where}: {exc.strerror or exc}")
     started = True
     # The banner shows at any level: it is the one line every operator needs.
-    logger.log(max(logging.INFO, logger.getEffectiveLevel()), "%s", banner(loaded, server, auth))
+    logger.log(max(logging.INFO, logger.getEffectiveLevel()), "%s", banner(loaded, server))
     if server.admin is not None:
         logger.info(
             "admin listener on http://%s:%d (/healthz, /readyz, /metrics)",
@@ -746,53 +764,71 @@ async def check(
     config = loaded.config
     report = CheckReport(as_json)
     report.line("config file", str(loaded.path or "(none: environment and flags)"))
-    report.line("upstream", config.upstream_url)
-    report.line("auth type", config.upstream_auth.type)
+    targets = [_Checked(config, i) for i in range(len(config.targets()))]
+    for t in targets:
+        report.line("upstream" + t.tag, t.up.url)
+        report.line("auth type" + t.tag, t.auth.type)
     keys = config.client_keys()
     report.line("client keys", f"{len(keys)} ({', '.join(k.name for k in keys) or 'none'})")
     _check_local(config, report)
-    unreachable, seen = await checks.upstream_problem(config.upstream_url, config.connect_timeout)
-    if unreachable:
-        report.problem("connect", "upstream_url", unreachable)
-    else:
-        report.line("connect", seen)
-    auth = make_auth(config.upstream_auth)
-    try:
-        usable = await _check_credential(config, auth, report)
-        if usable and probe and not unreachable:
-            await _probe(config, auth, probe, probe_path, report)
-    finally:
-        await auth.close()
+    for t in targets:  # every upstream's reachability and credential, one after the other
+        unreachable, seen = await checks.upstream_problem(t.up.url, config.connect_timeout)
+        if unreachable:
+            report.problem("connect" + t.tag, t.url_key, unreachable)
+        else:
+            report.line("connect" + t.tag, seen)
+        auth = make_auth(t.auth)
+        try:
+            usable = await _check_credential(t, auth, report)
+            if usable and probe and not unreachable:
+                await _probe(config, t, auth, probe, probe_path, report)
+        finally:
+            await auth.close()
     report.line("result", "OK" if report.ok else "NOT USABLE")
     if as_json:
         print(json.dumps(report.as_dict()), flush=True)
     return EXIT_OK if report.ok else EXIT_CHECK_FAILED
 
 
-async def _check_credential(config: Config, auth: UpstreamAuth, report: CheckReport) -> bool:
+class _Checked:
+    """One upstream as ``check`` reports it: its lines are tagged with its name when there
+    are several, and its problems name its own keys."""
+
+    def __init__(self, config: Config, index: int) -> None:
+        self.up = config.targets()[index]
+        assert self.up.auth is not None
+        self.auth = self.up.auth
+        several = bool(config.upstreams)
+        self.tag = f" ({self.up.name})" if several else ""
+        self.url_key = f"upstreams[{index}].url" if several else "upstream_url"
+        own = several and config.upstreams[index].auth is not None
+        self.auth_key = f"upstreams[{index}].auth" if own else "upstream_auth"
+
+
+async def _check_credential(t: _Checked, auth: UpstreamAuth, report: CheckReport) -> bool:
     if not isinstance(auth, TokenAuth):
-        problem = _api_key_problem(config.upstream_auth)
+        problem = _api_key_problem(t.auth)
         if problem:
-            report.problem("api key", "upstream_auth.api_key", problem)
+            report.problem("api key" + t.tag, t.auth_key + ".api_key", problem)
         else:
-            report.line("api key", "present")
+            report.line("api key" + t.tag, "present")
         return problem is None
-    report.line("scope", auth.scope)
+    report.line("scope" + t.tag, auth.scope)
     started = time.monotonic()
     await auth.start()
     await auth.wait_ready()
     status = auth.status()
     if not auth.ready():
-        report.problem("token", "upstream_auth", str(status.get("error", "unknown error")))
+        report.problem("token" + t.tag, t.auth_key, str(status.get("error", "unknown error")))
         return False
     expires = status["expires_on"]
     when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expires))
     report.line(
-        "token",
+        "token" + t.tag,
         f"obtained in {time.monotonic() - started:.1f}s, "
         f"expires in {status['expires_in']}s ({when})",
     )
-    report.line("audience", str(status.get("audience") or "(not a JWT; cannot tell)"))
+    report.line("audience" + t.tag, str(status.get("audience") or "(not a JWT; cannot tell)"))
     return True
 
 
@@ -808,13 +844,18 @@ def _api_key_problem(auth: UpstreamAuthConfig) -> str | None:
 
 
 async def _probe(
-    config: Config, auth: UpstreamAuth, model: str, path: str | None, report: CheckReport
+    config: Config,
+    t: _Checked,
+    auth: UpstreamAuth,
+    model: str,
+    path: str | None,
+    report: CheckReport,
 ) -> None:
     import aiohttp
 
     from .upstream import Origin
 
-    origin = Origin(config.upstream_url)
+    origin = Origin(t.up.url)
     if path is None:
         path = "/anthropic/v1/messages" if origin.host.endswith("azure.com") else "/v1/messages"
     credential = await auth.credential_wait()
@@ -824,7 +865,7 @@ async def _probe(
     else:
         headers["x-api-key"] = headers["api-key"] = credential.value.decode()
     body = {"model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
-    url = config.upstream_url.rstrip("/") + path
+    url = t.up.url.rstrip("/") + path
     timeout = aiohttp.ClientTimeout(total=60, connect=config.connect_timeout)
     try:
         async with (
@@ -833,16 +874,16 @@ async def _probe(
         ):
             text = (await response.text())[:300]
     except (aiohttp.ClientError, TimeoutError) as exc:
-        report.problem("probe", "probe", describe_credential_error(exc))
+        report.problem("probe" + t.tag, "probe", describe_credential_error(exc))
         return
     finally:
         # aiohttp closes the session's sockets a loop turn later; check's loop ends right after
         await asyncio.sleep(0)
     seen = f"POST {path} -> {response.status} {' '.join(text.split())[:200]}"
     if response.status < 400:
-        report.line("probe", seen)
+        report.line("probe" + t.tag, seen)
     else:
-        report.problem("probe", "probe", seen)
+        report.problem("probe" + t.tag, "probe", seen)
 
 
 async def demo(port: int, verbose: bool) -> int:
@@ -858,6 +899,7 @@ async def demo(port: int, verbose: bool) -> int:
     configure_logging(config.logging, verbose=verbose)
     runner, mock_port = await start_mock(MockFoundry(api_key=DEMO_UPSTREAM_KEY))
     config = dataclasses.replace(config, upstream_url=f"http://127.0.0.1:{mock_port}")
+    assert config.upstream_auth is not None
     server = ProxyServer(config, make_auth(config.upstream_auth))
     try:
         await server.start()

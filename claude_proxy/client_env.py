@@ -60,11 +60,11 @@ def base_url(config: Config, override: str | None = None) -> str:
 
 
 def anthropic_base(config: Config, base: str) -> str:
-    return base + "/anthropic" if is_foundry(config.upstream_url) else base
+    return base + "/anthropic" if is_foundry(config.first_url) else base
 
 
 def openai_base(config: Config, base: str) -> str:
-    return base + ("/openai/v1" if is_foundry(config.upstream_url) else "/v1")
+    return base + ("/openai/v1" if is_foundry(config.first_url) else "/v1")
 
 
 def claude_code_env(config: Config, base: str, key: str, *, foundry_mode: bool) -> dict[str, str]:

@@ -27,6 +27,7 @@ from .errors import ConfigError
 CONFIG_FILE_ENV = "CLAUDE_PROXY_CONFIG_FILE"
 ENV_PREFIX = "CLAUDE_PROXY__"
 DEFAULT_SCOPE = "https://ai.azure.com/.default"
+SINGLE_UPSTREAM = "default"  # the name of the upstream given by upstream_url
 
 AuthType = Literal[
     "api_key",
@@ -140,6 +141,41 @@ class UpstreamAuthConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    """One upstream (a Foundry resource, or api.anthropic.com / api.openai.com)."""
+
+    name: str  # in logs and metric labels
+    url: str
+    priority: int = 1  # lower is tried first (PTU before pay-as-you-go)
+    weight: int = 1  # share among the upstreams of the same priority
+    auth: UpstreamAuthConfig | None = None  # None: the top-level [upstream_auth]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Requests whose body names a model matching one of ``models`` go to ``upstreams``."""
+
+    models: tuple[str, ...]  # fnmatch globs over the body's top-level "model"
+    upstreams: tuple[str, ...]  # upstream names
+
+
+# RFC 9110 §15.5.30 / §15.6.4 and Anthropic's 529: answers that say the request was not processed
+DEFAULT_FAILOVER_STATUS = (429, 503, 529)
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    """When a request moves on to the next upstream (before the client has seen a byte)."""
+
+    on_status: tuple[int, ...] = DEFAULT_FAILOVER_STATUS
+    max_attempts: int = 3  # upstreams tried per request, the first included
+    replay_limit: int = 16 * 1024 * 1024  # request body bytes kept for another attempt
+    cooldown: float = 10.0  # seconds an upstream is skipped after a refusal with no hint
+    max_cooldown: float = 300.0  # the longest a retry hint may keep an upstream out
+    circuit_failures: int = 3  # consecutive connect failures that open an upstream's circuit
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     log_path: str | None = None  # a directory; None: stdout
     rotation: Rotation = "daily"
@@ -181,8 +217,12 @@ class TelemetryConfig:
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    upstream_url: str
-    upstream_auth: UpstreamAuthConfig
+    # One upstream (the original's form), or [[upstreams]]: exactly one of the two is set.
+    upstream_url: str | None = None
+    upstream_auth: UpstreamAuthConfig | None = None  # for every upstream without its own
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    routes: tuple[RouteConfig, ...] = ()
+    failover: FailoverConfig = FailoverConfig()
     bind_address: str = "127.0.0.1"
     port: int = 8080
     client_api_key: str | None = field(default=None, repr=False)
@@ -206,6 +246,21 @@ class Config:
     admin: AdminConfig = AdminConfig()
     tls: TlsConfig = TlsConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
+
+    def targets(self) -> tuple[UpstreamConfig, ...]:
+        """Every upstream with its auth resolved: ``upstream_url`` is one named ``default``."""
+        if not self.upstreams:
+            assert self.upstream_url is not None and self.upstream_auth is not None
+            return (UpstreamConfig(SINGLE_UPSTREAM, self.upstream_url, auth=self.upstream_auth),)
+        return tuple(
+            u if u.auth is not None else dataclasses.replace(u, auth=self.upstream_auth)
+            for u in self.upstreams
+        )
+
+    @property
+    def first_url(self) -> str:
+        """The upstream a single-upstream feature (the client snippets, the demo) points at."""
+        return self.upstream_url or self.upstreams[0].url
 
     def client_keys(self) -> tuple[ClientKey, ...]:
         """Every accepted client key: ``client_api_key`` (named ``default``) plus the named ones."""
@@ -445,18 +500,87 @@ _AUTH_NEEDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check(config: Config) -> None:
-    url = urlsplit(config.upstream_url)
+def _check_url(value: str, key: str) -> None:
+    url = urlsplit(value)
     if url.scheme not in ("http", "https") or not url.hostname:
-        raise ConfigError(
-            f"upstream_url: expected http(s)://host[:port][/prefix]; got {config.upstream_url!r}"
-        )
+        raise ConfigError(f"{key}: expected http(s)://host[:port][/prefix]; got {value!r}")
     if url.query or url.fragment:
-        raise ConfigError("upstream_url: must not carry a query or fragment")
+        raise ConfigError(f"{key}: must not carry a query or fragment")
     try:
         url.port  # noqa: B018 - raises on a bad port
     except ValueError:
-        raise ConfigError(f"upstream_url: bad port in {config.upstream_url!r}") from None
+        raise ConfigError(f"{key}: bad port in {value!r}") from None
+
+
+def _check_auth(auth: UpstreamAuthConfig, key: str) -> None:
+    if auth.token_timeout <= 0:
+        raise ConfigError(f"{key}.token_timeout: must be greater than 0")
+    for needed in _AUTH_NEEDS.get(auth.type, ()):
+        if not getattr(auth, needed):
+            raise ConfigError(f"{key}.{needed}: required when {key}.type = {auth.type!r}")
+
+
+def _check_upstreams(config: Config) -> None:
+    if config.upstream_url is not None and config.upstreams:
+        raise ConfigError(
+            "upstream_url: give upstream_url (one upstream) or [[upstreams]] (several), not both"
+        )
+    if config.upstream_url is None and not config.upstreams:
+        raise ConfigError(
+            "upstream_url: required; or one [[upstreams]] table per upstream (name, url)"
+        )
+    if config.upstream_url is not None:
+        _check_url(config.upstream_url, "upstream_url")
+    if config.upstream_auth is not None:
+        _check_auth(config.upstream_auth, "upstream_auth")
+    names: set[str] = set()
+    for i, up in enumerate(config.upstreams):
+        where = f"upstreams[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", up.name):
+            raise ConfigError(
+                f"{where}.name: expected letters, digits, '-', '_' or '.'; got {up.name!r}"
+            )
+        if up.name in names:
+            raise ConfigError(f"{where}.name: duplicate upstream name {up.name!r}")
+        names.add(up.name)
+        _check_url(up.url, f"{where}.url")
+        if up.weight < 1:
+            raise ConfigError(f"{where}.weight: must be at least 1")
+        if up.auth is not None:
+            _check_auth(up.auth, f"{where}.auth")
+        elif config.upstream_auth is None:
+            raise ConfigError(
+                f"{where}.auth: required, since there is no top-level [upstream_auth]; "
+                "give [upstreams.auth] here or an [upstream_auth] for every upstream"
+            )
+    if config.upstream_url is not None and config.upstream_auth is None:
+        raise ConfigError("upstream_auth: required (a table with type = ...)")
+    for i, route in enumerate(config.routes):
+        where = f"routes[{i}]"
+        if not route.models or any(not m.strip() for m in route.models):
+            raise ConfigError(f"{where}.models: expected one or more non-empty model globs")
+        if not route.upstreams:
+            raise ConfigError(f"{where}.upstreams: expected one or more upstream names")
+        for j, name in enumerate(route.upstreams):
+            if name not in names:
+                known = ", ".join(sorted(names)) or "none: routes need [[upstreams]]"
+                raise ConfigError(f"{where}.upstreams[{j}]: no upstream {name!r} ({known})")
+    fo = config.failover
+    for j, status in enumerate(fo.on_status):
+        if not 400 <= status <= 599:
+            raise ConfigError(f"failover.on_status[{j}]: expected a 4xx or 5xx status")
+    if fo.max_attempts < 1:
+        raise ConfigError("failover.max_attempts: must be at least 1 (1: no failover)")
+    if fo.replay_limit < 0:
+        raise ConfigError("failover.replay_limit: expected 0 or more bytes")
+    if not 0 < fo.cooldown <= fo.max_cooldown:
+        raise ConfigError("failover.cooldown: expected more than 0 and at most max_cooldown")
+    if fo.circuit_failures < 1:
+        raise ConfigError("failover.circuit_failures: must be at least 1")
+
+
+def _check(config: Config) -> None:
+    _check_upstreams(config)
     for key, port in (
         ("port", config.port),
         ("admin.port", config.admin.port),
@@ -481,14 +605,6 @@ def _check(config: Config) -> None:
         raise ConfigError("logging.backup_count: expected 0 (keep every file) or more")
     if not 1 <= config.admin.max_model_labels <= 10000:
         raise ConfigError("admin.max_model_labels: expected 1..10000 (each name is a label value)")
-    if config.upstream_auth.token_timeout <= 0:
-        raise ConfigError("upstream_auth.token_timeout: must be greater than 0")
-    for needed in _AUTH_NEEDS.get(config.upstream_auth.type, ()):
-        if not getattr(config.upstream_auth, needed):
-            raise ConfigError(
-                f"upstream_auth.{needed}: required when upstream_auth.type = "
-                f"{config.upstream_auth.type!r}"
-            )
     _check_keys(config)
     _check_jwt(config.client_jwt)
     _check_limits(config)
@@ -750,7 +866,7 @@ def load_config(
         if value is not None:
             _set_dotted(raw, dotted, value)
     _otel_defaults(raw, env)
-    if "upstream_url" not in raw and path is None:
+    if "upstream_url" not in raw and "upstreams" not in raw and path is None:
         raise ConfigError(
             "no config file found and upstream_url is not set; searched: "
             + "; ".join(searched)

@@ -20,6 +20,7 @@ retrying can help)::
         │   ├── UpstreamProtocolError   502  spoke something that is not HTTP/1.1
         │   ├── UpstreamConnectTimeout  504  no connection within connect_timeout
         │   └── UpstreamIdle            504  sent nothing for idle_timeout
+        ├── UpstreamsResting            429  every upstream for it is cooling down (failover)
         ├── CredentialUnavailable       503  no valid upstream token (retry helps unless a
         │                                    person must act: az login, a role, a tenant)
         └── InternalError               500  a bug in the proxy; logged with its traceback
@@ -136,6 +137,22 @@ class UpstreamIdle(UpstreamError):
     status = 504
     kind = "idle_timeout"
     openai_code = "upstream_timeout"
+
+
+class UpstreamsResting(ProxyError):
+    """Every upstream that could serve the request is cooling down after a 429 or 503, or
+    has its circuit open: nothing was sent. ``retry_after``: when the first comes back."""
+
+    status = 429
+    kind = "resting"
+    should_retry = True
+    anthropic_type = "rate_limit_error"
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class CredentialUnavailable(ProxyError):

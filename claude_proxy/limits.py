@@ -26,8 +26,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, Protocol
 
-import msgspec
-
 from .config import ClientKey, Config, JwtPolicy, LimitsConfig, LimitSettings
 from .errors import ProxyError
 from .windows import DAY, MINUTE, Counts, window_index
@@ -167,23 +165,6 @@ class Rules:
             "expires": s.expires.isoformat() if s.expires else None,
         }
         return {k: v for k, v in out.items() if v is not None}
-
-
-class _ModelOnly(msgspec.Struct):
-    model: object = None
-
-
-_MODEL_DECODER: Final = msgspec.json.Decoder(_ModelOnly)
-
-
-def model_of(body: bytes) -> str | None:
-    """The top-level ``"model"`` of an Anthropic or OpenAI JSON body; None when there is none
-    (or the body is not JSON). Other fields are skipped, not built."""
-    try:
-        model = _MODEL_DECODER.decode(body).model
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    return model if isinstance(model, str) else None
 
 
 def needs_limiter(config: Config) -> bool:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import platform
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from prometheus_client import (
@@ -59,6 +59,12 @@ CREDENTIAL_ACQUISITIONS: Final = "claude_proxy_credential_acquisitions"
 CREDENTIAL_FAILURES: Final = "claude_proxy_credential_failures"
 CREDENTIAL_EXPIRES_IN: Final = "claude_proxy_credential_expires_in_seconds"
 READY: Final = "claude_proxy_ready"
+UPSTREAM_REQUESTS: Final = "claude_proxy_upstream_requests"
+UPSTREAM_TTFB: Final = "claude_proxy_upstream_time_to_first_byte_seconds"
+FAILOVERS: Final = "claude_proxy_failovers"
+UPSTREAM_STATE: Final = "claude_proxy_upstream_state"
+UPSTREAM_RECOVERS_IN: Final = "claude_proxy_upstream_recovers_in_seconds"
+STANDINGS: Final = ("ready", "cooling", "open", "probing")
 BUILD_INFO: Final = "claude_proxy_build_info"
 
 MAX_MODELS: Final = 64  # the default of [admin] max_model_labels
@@ -88,7 +94,15 @@ OTHER: Final = "other"
 UNKNOWN: Final = "unknown"
 REQUEST_LABELS: Final = ("route", "status", "code", "client", "model", "outcome", "origin")
 ERROR_KINDS: Final = frozenset(
-    {"connect_refused", "connect_timeout", "closed", "malformed", "idle_timeout", "credential"}
+    {
+        "connect_refused",
+        "connect_timeout",
+        "closed",
+        "malformed",
+        "idle_timeout",
+        "credential",
+        "resting",
+    }
 )
 
 
@@ -232,6 +246,43 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        # With [[upstreams]]: which upstream answered, failovers between them, their standing.
+        # Labels are configured upstream names and fixed reasons: a bounded set.
+        self.upstream_requests = Counter(
+            UPSTREAM_REQUESTS,
+            "Requests an upstream answered (with [[upstreams]]), by upstream and exact status",
+            ["upstream", "code"],
+            registry=r,
+        )
+        self.upstream_ttfb = Histogram(
+            UPSTREAM_TTFB,
+            "Time to the first response byte, by the upstream that answered",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.failovers = Counter(
+            FAILOVERS,
+            "Requests moved from one upstream to the next, by reason (a status, or how the "
+            "upstream failed)",
+            ["from", "to", "reason"],
+            registry=r,
+        )
+        self.upstream_state = Gauge(
+            UPSTREAM_STATE,
+            "1 for each upstream's current standing: ready, cooling (after 429/503/529), open "
+            "(circuit after connect failures) or probing",
+            ["upstream", "state"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.upstream_recovers_in = Gauge(
+            UPSTREAM_RECOVERS_IN,
+            "Seconds until a cooling or open upstream may be tried again (0 when ready)",
+            ["upstream"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         # (route, status, client, model label, outcome) -> what was counted since the last fold
         self._tallies: dict[tuple[str, int, str, str, str, str], Tally] = {}
         # model name -> its label, for the names admitted (at most max_models of them)
@@ -239,6 +290,7 @@ class Metrics:
         # (client, model label) -> [input, output, cache_read, cache_write] since the last fold
         self._totals: dict[tuple[str, str], list[int]] = {}
         self._gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
+        self._upstream_gauges: tuple[tuple[Gauge, Callable[[], float]], ...] = ()
         for kind in ERROR_KINDS:
             self.upstream_errors.labels(kind)
 
@@ -262,11 +314,27 @@ class Metrics:
             for gauge, read in self._gauges:
                 gauge.set_function(read)
 
+    def bind_upstreams(
+        self, upstreams: Sequence[tuple[str, Callable[[], str], Callable[[], float]]]
+    ) -> None:
+        """Each upstream's name, a function giving its standing (one of :data:`STANDINGS`) and
+        one giving the seconds until it recovers; read at scrape time."""
+        gauges: list[tuple[Gauge, Callable[[], float]]] = []
+        for name, standing, recovers_in in upstreams:
+            for state in STANDINGS:
+                read = (lambda f, s: lambda: 1.0 if f() == s else 0.0)(standing, state)
+                gauges.append((self.upstream_state.labels(name, state), read))
+            gauges.append((self.upstream_recovers_in.labels(name), recovers_in))
+        self._upstream_gauges = tuple(gauges)
+        if not self.multiprocess:
+            for gauge, read in gauges:
+                gauge.set_function(read)
+
     def refresh(self) -> None:
         """With several workers, called each second: what the supervisor's scrape reads."""
         if self.multiprocess:
             self.fold()
-            for gauge, read in self._gauges:
+            for gauge, read in self._gauges + self._upstream_gauges:
                 gauge.set(read())
 
     def fold(self) -> None:
@@ -297,6 +365,10 @@ class Metrics:
         if ttfb is not None and ttfb >= 0:
             tally.ttfb[bisect_left(LATENCY_BUCKETS, ttfb)] += 1
             tally.ttfb_sum += ttfb
+        if rec.upstream is not None and rec.origin == "upstream":
+            self.upstream_requests.labels(rec.upstream, STATUS_CODE.get(rec.status, OTHER)).inc()
+            if ttfb is not None and ttfb >= 0:
+                self.upstream_ttfb.labels(rec.upstream).observe(ttfb)
         counts = (
             rec.input_tokens,
             rec.output_tokens,
@@ -348,6 +420,9 @@ class Metrics:
                 )
             )
         return tally
+
+    def failover(self, came_from: str, to: str, reason: str) -> None:
+        self.failovers.labels(came_from, to, reason).inc()
 
     def upstream_error(self, kind: str) -> None:
         self.upstream_errors.labels(kind if kind in ERROR_KINDS else "closed").inc()

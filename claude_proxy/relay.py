@@ -9,8 +9,14 @@ either changes; entering a state does all of that state's duties, so no path can
            the connection is cut ─▶ ABANDONED
 
     response  WAITING ──head──▶ BODY ──complete──▶ DONE
-        │        └── upstream lost, idle, client gone, drain ──▶ FAILED
-        └── a proxy-made answer ──▶ DONE
+        │  │     └── upstream lost, idle, client gone, drain ──▶ FAILED
+        │  └─ an answer in failover.on_status ─▶ REFUSED ──read, kept──▶ WAITING (next upstream)
+        └── a proxy-made answer, or the last refusal kept ──▶ DONE
+
+Failover (several ``[[upstreams]]``) is these same states: a refused answer is read and kept,
+not relayed; the request goes back to BUFFERED or BUFFERING with its body from the replay
+copy, and the exchange waits for the next upstream as it did for the first. The client has
+seen nothing, so nothing it sees changes; once a head is relayed (BODY) nothing is retried.
 
 * Leaving BUFFERING or STREAMING lifts every pause the request direction holds on the client
   (so entering DISCARDING always resumes reading the client).
@@ -33,6 +39,8 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
+import random
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -52,16 +60,18 @@ from .errors import (
     UpstreamClosed,
     UpstreamConnectError,
     UpstreamConnectTimeout,
+    UpstreamError,
     UpstreamIdle,
     UpstreamProtocolError,
+    UpstreamsResting,
     family_of,
     render_error,
 )
 from .flow import BUFFER_FULL, CLIENT_FULL, REQUEST_OWNERS, UPSTREAM_FULL, ReadGate
 from .identity import PASSTHROUGH_IDENTITY, Identity
-from .limits import model_of
 from .logs import log_access
 from .record import ExchangeRecord, Outcome
+from .routing import COOLING_STATUS, deployment_of, leading_model, model_of, retry_hint, soonest
 from .usage import StreamReader
 
 if TYPE_CHECKING:
@@ -71,6 +81,7 @@ if TYPE_CHECKING:
     from .identity import Authenticator
     from .limits import Limiter, Permit
     from .metrics import Metrics
+    from .routing import Health, Router
     from .telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
@@ -115,19 +126,22 @@ class Req(enum.Enum):
 class Resp(enum.Enum):
     """Where the response direction is; ``final``: this direction is over."""
 
-    WAITING = ("waiting", False)  # nothing sent to the client yet
-    BODY = ("body", False)  # the upstream's head went out, its body is being relayed
-    DONE = ("done", True)  # a complete response went out (relayed or proxy-made)
-    FAILED = ("failed", True)  # cut short: the client sees a truncated response, or none
+    WAITING = ("waiting", True, False)  # nothing sent to the client yet
+    REFUSED = ("refused", True, False)  # an upstream's refusal is being read, kept, not sent
+    BODY = ("body", False, False)  # the upstream's head went out, its body is being relayed
+    DONE = ("done", False, True)  # a complete response went out (relayed or proxy-made)
+    FAILED = ("failed", False, True)  # cut short: the client sees a truncated response, or none
 
-    def __init__(self, label: str, final: bool) -> None:
+    def __init__(self, label: str, quiet: bool, final: bool) -> None:
         self.label = label
+        self.quiet = quiet  # the client has been sent nothing of a response
         self.final = final
 
 
 BUFFERING, BUFFERED, STREAMING, SENT = Req.BUFFERING, Req.BUFFERED, Req.STREAMING, Req.SENT
 DISCARDING, DISCARDED, ABANDONED = Req.DISCARDING, Req.DISCARDED, Req.ABANDONED
-WAITING, BODY, DONE, FAILED = Resp.WAITING, Resp.BODY, Resp.DONE, Resp.FAILED
+WAITING, REFUSED, BODY, DONE = Resp.WAITING, Resp.REFUSED, Resp.BODY, Resp.DONE
+FAILED = Resp.FAILED
 
 
 class Stage(enum.IntEnum):
@@ -135,10 +149,13 @@ class Stage(enum.IntEnum):
 
     IDENTIFY = 0
     ADMIT = 1
-    CREDENTIAL = 2
+    ROUTE = 2
+    CREDENTIAL = 3
 
 
-IDENTIFY, ADMIT, CREDENTIAL = Stage.IDENTIFY, Stage.ADMIT, Stage.CREDENTIAL
+IDENTIFY, ADMIT, ROUTE, CREDENTIAL = Stage.IDENTIFY, Stage.ADMIT, Stage.ROUTE, Stage.CREDENTIAL
+# A refused answer kept to be relayed if no other upstream answers; past this it is dropped.
+KEEP_LIMIT: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -152,6 +169,48 @@ class RequestHead:
     chunked: bool
     expect_continue: bool
     anthropic_version: bool
+
+
+class Kept:
+    """A refused answer, read and held while other upstreams are asked."""
+
+    __slots__ = (
+        "body",
+        "body_bytes",
+        "complete",
+        "headers",
+        "reason",
+        "reusable",
+        "status",
+        "trailers",
+        "until_close",
+    )
+
+    def __init__(
+        self,
+        status: int,
+        reason: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        until_close: bool,
+        reusable: bool,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.until_close = until_close  # its body ends with the connection
+        self.reusable = reusable  # the request went whole: the connection may be pooled after
+        self.body: list[bytes] = []
+        self.body_bytes = 0
+        self.trailers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def add(self, data: bytes) -> None:
+        self.body_bytes += len(data)
+        if self.body_bytes <= KEEP_LIMIT:
+            self.body.append(data)
+        else:
+            self.body = []  # too large to relay: only its end is still awaited
 
 
 # ------------------------------------------------------------------ the two sides
@@ -189,15 +248,30 @@ class UpstreamPool(Protocol):
     def release(self, conn: Any) -> None: ...
 
 
+class Target(Protocol):
+    """One upstream as the relay uses it: where, with which credential, how it stands."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def pool(self) -> UpstreamPool: ...
+    @property
+    def auth(self) -> UpstreamAuth: ...
+    @property
+    def host_header(self) -> bytes: ...
+    @property
+    def prefix(self) -> bytes: ...
+    @property
+    def health(self) -> Health: ...
+
+
 class Shared(Protocol):
     """What every exchange of a server shares (the server's ``ServerState``)."""
 
     config: Config
     authenticator: Authenticator
     limiter: Limiter | None
-    auth: UpstreamAuth
-    host_header: bytes
-    prefix: bytes
+    router: Router
     metrics: Metrics | None
     telemetry: Telemetry | None
     batch: Batch
@@ -205,7 +279,9 @@ class Shared(Protocol):
     access_log: bool
 
     @property
-    def pool(self) -> UpstreamPool: ...
+    def targets(self) -> tuple[Target, ...]:
+        """In config order; [0] alone unless [[upstreams]] names more."""
+
     def spawn(
         self, coro: Coroutine[Any, Any, None], on_error: Callable[[BaseException], None]
     ) -> asyncio.Task[None]: ...
@@ -235,17 +311,21 @@ class Exchange:
         "head_method",
         "identity",
         "interim",
+        "kept",
         "key_name",
         "origin",
         "outcome",
         "pending",
         "pending_bytes",
         "permit",
+        "plan",
         "replay",
         "replay_bytes",
+        "replay_cap",
         "reply",
         "req",
         "request_model",
+        "resend",
         "resp",
         "sent_traceparent",
         "shared",
@@ -254,7 +334,9 @@ class Exchange:
         "t_end",
         "t_first",
         "t_start",
+        "target",
         "task",
+        "tries",
         "until_close",
         "upstream",
         "upstream_head",
@@ -281,12 +363,18 @@ class Exchange:
         self.body_done: asyncio.Future[None] | None = None
         self.credential: hdr.UpstreamCredential | None = None
         self.upstream: UpstreamSide | None = None
+        self.target: Target = shared.targets[0]  # the upstream being tried
+        self.plan: list[Target] | None = None  # with several upstreams: the ones still to try
+        self.tries = 0  # upstreams tried (failover.max_attempts counts these)
+        self.kept: Kept | None = None  # the last refused answer, if no other upstream answers
         self.upstream_head = b""
         self.task: asyncio.Task[None] | None = None
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.replay: list[bytes] | None = None
         self.replay_bytes = 0
+        self.replay_cap = REPLAY_LIMIT
+        self.resend = False  # the attempt may be sent once more if its pooled connection closes
         self.attempts = 0
         self.chunked_out = False
         self.until_close = False
@@ -375,24 +463,28 @@ class Exchange:
     # ================================================================ start
 
     def start(self) -> None:
-        """Identify the client, admit it under its limits, pick the upstream credential and
-        open the upstream. Each stage that can be decided now is; the first that must wait
-        (a signing key, Redis, the whole body for its model, a token) continues in a task."""
+        """Identify the client, admit it under its limits, choose the upstreams, pick the
+        credential and open the upstream. Each stage that can be decided now is; the first
+        that must wait (a signing key, Redis, the whole body for its model, a token)
+        continues in a task."""
         shared = self.shared
         try:
             creds = presented(self.head.headers, self.head.scan.lnames)
             identity = shared.authenticator.identify_now(creds)
             if identity is None:  # a token whose signing key must be fetched first
-                if shared.limiter is not None:
-                    self.body_read = []  # its policy may need the body's model: keep it all
+                if shared.limiter is not None or self._routes_by_body():
+                    self.body_read = []  # its policy or its route may need the body's model
                 self._spawn(self._start_slow(IDENTIFY, creds))
                 return
             self._identified(identity)
             if shared.limiter is not None and not self._admit_now():
                 self._spawn(self._start_slow(ADMIT, creds))
                 return
+            if not shared.router.single and not self._route_now():
+                self._spawn(self._start_slow(ROUTE, creds))
+                return
             if identity is not PASSTHROUGH_IDENTITY:
-                credential = shared.auth.credential_now()
+                credential = self.target.auth.credential_now()
                 if credential is None:  # cold start: a token is on its way
                     self._spawn(self._start_slow(CREDENTIAL, creds))
                     return
@@ -409,14 +501,18 @@ class Exchange:
                 self._identified(await self.shared.authenticator.identify(creds))
             if stage <= ADMIT:
                 await self._admit_wait()
+            if stage <= ROUTE and not self.shared.router.single:
+                if self._routes_by_body():
+                    await self._whole_body()
+                self._route()
             if stage <= CREDENTIAL and self.identity is not PASSTHROUGH_IDENTITY:
-                self.credential = await self.shared.auth.credential_wait()
+                self.credential = await self.target.auth.credential_wait()
         except ProxyError as exc:
             self.task = None
             self._refuse(exc)
             return
         self._build_upstream_head()
-        await self._connect()
+        await self._open_slow()
 
     def _refuse(self, exc: ProxyError) -> None:
         if isinstance(exc, Unauthorized):
@@ -448,7 +544,7 @@ class Exchange:
         if not self._needs_admission():
             return True
         if self._needs_model() and self.req is BUFFERING:
-            self.body_read = []  # hold the whole body: its model decides
+            self._hold_body()  # its model decides
             return False
         limiter, identity = self.shared.limiter, self.identity
         assert limiter is not None and identity is not None
@@ -470,10 +566,8 @@ class Exchange:
             self._stop_holding()
             if not self._needs_admission():
                 return
-        elif self.req is BUFFERING:
-            assert self.body_read is not None  # set before any body could arrive
-            self.body_done = asyncio.get_running_loop().create_future()
-            await self.body_done
+        else:
+            await self._whole_body()
         limiter, identity = self.shared.limiter, self.identity
         assert limiter is not None and identity is not None
         self.permit = await limiter.check(
@@ -485,10 +579,26 @@ class Exchange:
             display=identity.name,
         )
 
+    # ---------------------------------------------------------------- the body's model
+
+    def _hold_body(self) -> None:
+        """Keep the whole body, to read its model once it is complete."""
+        if self.body_read is None:
+            self.body_read = []
+            if self.head.expect_continue and self.bytes_in == 0:
+                self.client.write(CONTINUE)  # the body is needed before any upstream is asked
+
+    async def _whole_body(self) -> None:
+        if self.req is BUFFERING:
+            self._hold_body()
+            if self.body_done is None:
+                self.body_done = asyncio.get_running_loop().create_future()
+            await self.body_done
+
     def _stop_holding(self) -> None:
         """The body's model is not needed after all: from here it is held as any body is
         (paused past the high-water mark), not whole."""
-        if self.body_read is not None:
+        if self.body_read is not None and not self._routes_by_body():
             self.body_read = None
             if self.pending_bytes > PENDING_HIGH_WATER and self.req is BUFFERING:
                 self.client.gate.pause(BUFFER_FULL)
@@ -500,8 +610,78 @@ class Exchange:
         body_read = self.body_read
         if body_read is not None and self.req is not BUFFERING:
             self.body_read = None  # read once, whole: the copy goes, the body goes on as held
-            self.request_model = model_of(b"".join(body_read))
+            model = None
+            if body_read and not self._needs_model():
+                model = leading_model(body_read[0])  # routing alone: the first bytes suffice
+            self.request_model = model if model is not None else model_of(b"".join(body_read))
         return self.request_model
+
+    # ---------------------------------------------------------------- routing
+
+    def _routes_by_body(self) -> bool:
+        """Routes name models, and this request's model is in its JSON body (not its path)."""
+        scan = self.head.scan
+        return (
+            self.shared.router.needs_model
+            and self._has_body()
+            and scan.content_type.startswith(b"application/json")
+            and not scan.content_encoding
+            and deployment_of(self.head.target) is None
+        )
+
+    def _route_now(self) -> bool:
+        """Choose the upstreams to try; False when the whole body must be read first."""
+        if self.req is BUFFERING and self._routes_by_body():
+            self._hold_body()
+            return False
+        self._route()
+        return True
+
+    def _route(self) -> None:
+        """The candidates for this request's model, in order; the first usable is taken.
+        Raises :class:`UpstreamsResting` when every one is cooling down."""
+        shared = self.shared
+        model = deployment_of(self.head.target) or self._request_model()
+        targets = shared.targets
+        plan = [targets[i] for i in shared.router.plan(model, random.random)]
+        self.plan = plan
+        if not self._next_target():
+            wait = soonest((t.health for t in plan), time.monotonic())
+            names = ", ".join(t.name for t in plan)
+            raise UpstreamsResting(
+                f"Every upstream for this request ({names}) is cooling down after refusing "
+                f"requests; the first is back in {wait:.0f} s.",
+                retry_after=max(1, math.ceil(wait)),
+            )
+
+    def _next_target(self) -> bool:
+        """Take the next candidate that is not resting, if any (and attempts are left)."""
+        plan = self.plan
+        assert plan is not None
+        if self.tries >= self.shared.config.failover.max_attempts:
+            return False
+        now = time.monotonic()
+        probe_for = self.shared.config.connect_timeout + 1.0
+        while plan:
+            target = plan.pop(0)
+            if target.health.take(now, probe_for):
+                self.target = target
+                self.tries += 1
+                return True
+        return False
+
+    def _can_fail_over(self) -> bool:
+        """Another upstream may be tried: attempts are left, one is usable, and the request
+        can be sent again whole (nothing sent yet, or all of it kept for a replay)."""
+        plan = self.plan
+        if not plan or self.tries >= self.shared.config.failover.max_attempts:
+            return False
+        if self.upstream_head and self.replay is None and self.attempts:
+            return False  # some of the body went and was not kept
+        now = time.monotonic()
+        return any(t.health.usable(now) for t in plan)
+
+    # ---------------------------------------------------------------- upstream
 
     def _build_upstream_head(self) -> None:
         shared = self.shared
@@ -513,12 +693,13 @@ class Exchange:
                 incoming.decode("latin-1") if incoming else None
             )
         sent = self.sent_traceparent
+        target = self.target
         self.upstream_head = hdr.upstream_request_head(
             head.method,
             head.target,
             head.headers,
-            host=shared.host_header,
-            prefix=shared.prefix,
+            host=target.host_header,
+            prefix=target.prefix,
             credential=self.credential,
             chunked=head.chunked,
             default_header=b"x-api-key" if self.family == "anthropic" else b"Authorization",
@@ -527,35 +708,57 @@ class Exchange:
         )
 
     def _open_upstream(self) -> None:
-        conn = self.shared.pool.take_idle()
+        conn = self.target.pool.take_idle()
         if conn is not None:
             self._attach(conn)
         else:
             self._spawn(self._connect())
 
+    async def _open_slow(self) -> None:
+        conn = self.target.pool.take_idle()
+        if conn is not None:
+            self.task = None
+            self._attach(conn)
+        else:
+            await self._connect()
+
     async def _connect(self) -> None:
+        target = self.target
         try:
-            conn = await self.shared.pool.connect()
+            conn = await target.pool.connect()
         except TimeoutError:
             self.task = None
             timeout = self.shared.config.connect_timeout
-            self.respond_error(
-                UpstreamConnectTimeout(f"Timed out connecting to the upstream after {timeout:g} s.")
+            self._connect_failed(
+                UpstreamConnectTimeout(
+                    f"Timed out connecting to the upstream after {timeout:g} s."
+                ),
             )
             return
         except OSError as exc:
             self.task = None
             reason = exc.strerror or type(exc).__name__
-            self.respond_error(
+            self._connect_failed(
                 UpstreamConnectError(f"Could not connect to the upstream: {reason}.")
             )
             return
         self.task = None
+        if self.plan is not None:
+            target.health.connected()
         self._attach(conn)
+
+    def _connect_failed(self, error: ProxyError) -> None:
+        """No connection to this upstream: the next one is tried (connect failures always
+        move on); with none left, the client gets the last refusal kept, or ``error``."""
+        if self.plan is not None:
+            self.target.health.connect_failed(time.monotonic())
+            self._fail_over(error.kind or "connect", error)
+        else:
+            self.respond_error(error)
 
     def _attach(self, conn: UpstreamSide) -> None:
         if self.resp is not WAITING:
-            self.shared.pool.release(conn)  # answered meanwhile; the connection is unused
+            self.target.pool.release(conn)  # answered meanwhile; the connection is unused
             return
         self.attempts += 1
         self.upstream = conn
@@ -566,9 +769,17 @@ class Exchange:
         size = len(self.upstream_head) + self.pending_bytes
         self.pending = []
         self.pending_bytes = 0
-        if conn.reused and self.attempts == 1 and self._may_resend():
+        if self.plan and self.tries < self.shared.config.failover.max_attempts:
+            # another upstream may be asked: keep what is sent, up to failover.replay_limit
+            self.replay_cap = self.shared.config.failover.replay_limit
+            if size - len(out[0]) <= self.replay_cap:
+                self.replay = out
+                self.replay_bytes = size - len(out[0])
+        elif conn.reused and self.attempts == 1 and self._may_resend():
             self.replay = out  # kept (not copied) until the response starts
-            self.replay_bytes = size
+            self.replay_bytes = size - len(out[0])
+            self.replay_cap = REPLAY_LIMIT
+        self.resend = conn.reused and self.attempts == 1 and self._may_resend()
         # Lift the buffer's pause before writing: if this write fills the upstream's buffer,
         # its pause_writing must be the last word on whether the client is read.
         gate = self.client.gate
@@ -636,7 +847,7 @@ class Exchange:
         if replay is not None:
             replay.append(data)
             self.replay_bytes += len(data)
-            if self.replay_bytes > REPLAY_LIMIT:
+            if self.replay_bytes > self.replay_cap:
                 self.replay = None
         upstream = self.upstream
         assert upstream is not None
@@ -653,6 +864,8 @@ class Exchange:
             # but never to an HTTP/1.0 client, which cannot tell it from the answer (§15.2)
             if status not in (100, 101) and self.head.http11:
                 self.client.write(hdr.interim_response_head(status, reason, headers))
+            return
+        if self.plan is not None and self._refused(status, reason, headers):
             return
         self.replay = None
         self.status = status
@@ -692,7 +905,95 @@ class Exchange:
         )
         self._to(resp=BODY)
         if status == 401 and self.credential is not None and self.credential.kind == "bearer":
-            self.shared.auth.rejected(self.credential)
+            self.target.auth.rejected(self.credential)
+
+    def _refused(self, status: int, reason: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
+        """With several upstreams: an overload answer rests this one; an answer in
+        ``failover.on_status`` is kept, not relayed, while another upstream may be asked."""
+        if status in COOLING_STATUS:
+            self.target.health.refused(time.monotonic(), retry_hint(headers, time.time()))
+        if status not in self.shared.config.failover.on_status or not self._can_fail_over():
+            return False
+        found = hdr.scan(headers)
+        self.kept = Kept(
+            status,
+            reason,
+            headers,
+            until_close=not found.chunked and found.content_length is None,
+            reusable=self.req is SENT,
+        )
+        self._to(resp=REFUSED)
+        self._rewind()
+        return True
+
+    def _refusal_read(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        kept = self.kept
+        assert kept is not None
+        kept.trailers = trailers
+        kept.complete = True
+        self._detach_upstream(reusable=kept.reusable)
+        self._fail_over(str(kept.status), None)
+
+    def _fail_over(
+        self, reason: str, error: ProxyError | None, outcome: Outcome = "rejected"
+    ) -> None:
+        """Send the request to the next upstream. With none left, the client gets the last
+        refusal kept, unchanged; or, when no upstream answered, ``error``."""
+        came_from = self.target.name
+        if self.resp.quiet and self._can_fail_over() and self._next_target():
+            logger.info("failover: %s -> %s (%s)", came_from, self.target.name, reason)
+            if self.shared.metrics is not None:
+                self.shared.metrics.failover(came_from, self.target.name, reason)
+            self._rewind()
+            self.credential = None
+            self.resend = False
+            self.watch_bytes = -1  # the idle clock starts again for this upstream
+            self._to(resp=WAITING)
+            self._spawn(self._reconnect())
+            return
+        kept, self.kept = self.kept, None
+        if kept is not None and kept.complete and kept.body_bytes <= KEEP_LIMIT:
+            self._relay_kept(kept)
+        elif error is not None:
+            self.respond_error(error, outcome)
+        else:
+            self.respond_error(UpstreamClosed("The upstream's refusal was too large to relay."))
+
+    async def _reconnect(self) -> None:
+        """The next upstream: its credential (another upstream may have another), then a
+        connection, as for the first."""
+        target = self.target
+        if self.identity is not PASSTHROUGH_IDENTITY:
+            credential = target.auth.credential_now()
+            if credential is None:
+                try:
+                    credential = await target.auth.credential_wait()
+                except ProxyError as exc:
+                    self.task = None
+                    self._fail_over("credential", exc)
+                    return
+            self.credential = credential
+        self._build_upstream_head()
+        await self._open_slow()
+
+    def _rewind(self) -> None:
+        """The one transition back: what was sent is held again, from the replay copy, until
+        the next connection is up (nothing to do when nothing was sent)."""
+        replay = self.replay
+        if replay is None or not (self.req is SENT or self.req is STREAMING):
+            return
+        self.replay = None
+        self.pending = replay[1:]  # [0] is the head, which _attach writes anew
+        self.pending_bytes = self.replay_bytes
+        self._to(req=BUFFERED if self.req is SENT else BUFFERING)
+
+    def _relay_kept(self, kept: Kept) -> None:
+        """Every upstream refused: the last refusal goes to the client as it came."""
+        self.plan = None  # nothing more is tried
+        self.on_response_head(kept.status, kept.reason, kept.headers)
+        for part in kept.body:
+            self.on_response_body(part)
+        self.on_response_complete(kept.trailers)
 
     def _can_discard_rest(self) -> bool:
         """Whether the rest of the request body can be read and dropped after an early answer,
@@ -703,6 +1004,10 @@ class Exchange:
         return length is not None and length - self.bytes_in <= DISCARD_LIMIT
 
     def on_response_body(self, data: bytes) -> None:
+        if self.resp is REFUSED:
+            assert self.kept is not None
+            self.kept.add(data)
+            return
         self.bytes_out += len(data)
         if self.chunked_out:
             self.client.write(b"%x\r\n%b\r\n" % (len(data), data))
@@ -720,6 +1025,8 @@ class Exchange:
 
     def on_response_complete(self, trailers: list[tuple[bytes, bytes]]) -> None:
         if self.resp is not BODY:
+            if self.resp is REFUSED:
+                self._refusal_read(trailers)
             return
         if self.chunked_out:
             self.client.write(hdr.trailer_block(trailers))
@@ -740,12 +1047,20 @@ class Exchange:
         self.upstream = None
         self.client.gate.resume(UPSTREAM_FULL)
         if self.resp is WAITING:
-            if self.replay is not None:
+            if self.resend and self.replay is not None:
                 self._retry()
                 return
-            self.respond_error(
-                UpstreamClosed("The upstream closed the connection before sending a response.")
+            self._lost_before_answer(
+                "closed",
+                UpstreamClosed("The upstream closed the connection before sending a response."),
             )
+        elif self.resp is REFUSED:
+            kept = self.kept
+            if kept is not None and kept.until_close and exc is None:
+                self._refusal_read([])  # a close-delimited refusal ends with a clean close
+            else:
+                self.kept = None  # cut short: nothing that could be relayed as it came
+                self._fail_over("closed", UpstreamClosed("The upstream closed the connection."))
         elif self.resp is BODY:
             if self.until_close and exc is None:
                 self._end_response()  # a close-delimited body ends with a clean close
@@ -758,9 +1073,12 @@ class Exchange:
         """The upstream spoke something that is not HTTP/1.1; its connection is gone."""
         self.upstream = None
         self.client.gate.resume(UPSTREAM_FULL)
-        if self.resp is WAITING:
+        if self.resp.quiet:
             logger.warning("upstream error: %s", reason)
-            self.respond_error(UpstreamProtocolError("The upstream sent a malformed response."))
+            self.kept = None
+            self._lost_before_answer(
+                "malformed", UpstreamProtocolError("The upstream sent a malformed response.")
+            )
         elif self.resp is BODY:
             self._upstream_error("malformed")
             self.fail("upstream_aborted", reason)
@@ -768,13 +1086,21 @@ class Exchange:
     def _retry(self) -> None:
         """Send the request again on a new connection: the pooled one was closed under us."""
         logger.debug("pooled upstream connection was closed; sending the request again")
-        replay = self.replay or []
-        self.replay = None
-        self.pending = replay[1:]  # [0] is the head, which _attach writes again
-        self.pending_bytes = self.replay_bytes - len(replay[0]) if replay else 0
-        # the one transition back: the request is held again until the new connection is up
-        self.req = BUFFERED if self.req is SENT else BUFFERING
+        self.resend = False
+        self._rewind()
         self._spawn(self._connect())
+
+    def _lost_before_answer(
+        self, reason: str, error: UpstreamError, outcome: Outcome = "rejected"
+    ) -> None:
+        """The upstream failed after the request went, before any answer: another upstream
+        is asked only if the status this becomes is in ``failover.on_status`` (the request
+        may have been processed: a 502 or 504 is not in it by default)."""
+        if self.plan is not None and error.status in self.shared.config.failover.on_status:
+            self._detach_upstream(reusable=False)
+            self._fail_over(reason, error, outcome)
+        else:
+            self.respond_error(error, outcome)
 
     def _upstream_error(self, kind: str) -> None:
         if self.shared.metrics is not None:
@@ -800,7 +1126,7 @@ class Exchange:
 
     def respond_error(self, error: ProxyError, outcome: Outcome = "rejected") -> None:
         """Answer with a proxy-made error, unless a response has already begun."""
-        if self.resp is not WAITING:
+        if not self.resp.quiet:
             return
         if error.kind is not None:
             self._upstream_error(error.kind)
@@ -839,7 +1165,7 @@ class Exchange:
     def reject_request(self, error: ProxyError) -> None:
         """The request turned out malformed mid-body: nothing more of it is read or sent."""
         self.close_after = True
-        if self.resp is WAITING:
+        if self.resp.quiet:
             self.respond_error(error)
         elif self.resp is BODY:
             self.fail("client_aborted", f"malformed request body: {error.message}")
@@ -879,20 +1205,21 @@ class Exchange:
         client_to_blame = self.req is DISCARDING or (
             self.req.reading and not self.client.gate.holds(UPSTREAM_FULL)
         )
-        if self.resp is WAITING:
+        if self.resp.quiet:
             if client_to_blame:
                 self.close_after = True
                 self.respond_error(
                     ClientIdle(f"The request body stalled for {idle_timeout:g} s (idle_timeout)."),
                     "idle_timeout",
                 )
+                return
+            error = UpstreamIdle(
+                f"The upstream sent nothing for {idle_timeout:g} s (idle_timeout)."
+            )
+            if self.resp is WAITING and self.upstream is not None:
+                self._lost_before_answer("idle_timeout", error, "idle_timeout")
             else:
-                self.respond_error(
-                    UpstreamIdle(
-                        f"The upstream sent nothing for {idle_timeout:g} s (idle_timeout)."
-                    ),
-                    "idle_timeout",
-                )
+                self.respond_error(error, "idle_timeout")
             return
         if self.resp is BODY and not self.client.write_paused:
             self._upstream_error("idle_timeout")
@@ -957,6 +1284,7 @@ class Exchange:
             ),
             request_model=self.request_model,
             user=self.identity.name if self.identity is not None else None,
+            upstream=self.target.name if self.tries else None,  # with [[upstreams]]
             attempts=self.attempts,
         )
 

@@ -35,9 +35,9 @@ from typing import Any, Final, cast
 import httptools
 
 from .admin import AdminServer
-from .batching import Batched
-from .config import Config
-from .credentials import UpstreamAuth
+from .batching import Batch, Batched
+from .config import Config, UpstreamAuthConfig
+from .credentials import UpstreamAuth, make_auth
 from .errors import (
     BadRequest,
     HeadersTooLarge,
@@ -53,6 +53,7 @@ from .limits import Limiter, needs_limiter
 from .logs import flush_handlers
 from .metrics import Metrics, exposition
 from .relay import ABANDONED, Exchange, RequestHead
+from .routing import Health, Router
 from .telemetry import Telemetry, from_config
 from .tls import CertificateError, load_certificate, server_tls_context
 from .upstream import Origin, UpstreamPool
@@ -78,14 +79,30 @@ class Phase(enum.Enum):
 IDLE, HEAD, EXCHANGE, CLOSING = Phase.IDLE, Phase.HEAD, Phase.EXCHANGE, Phase.CLOSING
 
 
+class UpstreamTarget:
+    """One upstream at run time: its pool, its credential and its standing (relay.Target)."""
+
+    __slots__ = ("auth", "health", "host_header", "name", "pool", "prefix")
+
+    def __init__(self, name: str, pool: UpstreamPool, auth: UpstreamAuth, health: Health):
+        self.name = name
+        self.pool = pool
+        self.auth = auth
+        self.health = health
+        self.host_header = pool.origin.host_header
+        self.prefix = pool.origin.prefix
+
+    def __repr__(self) -> str:
+        return f"UpstreamTarget({self.name!r}, {self.pool.origin!r})"
+
+
 class ServerState:
-    """What every connection shares: config, keys, credential, pool, and owned tasks."""
+    """What every connection shares: config, keys, upstreams, and owned tasks."""
 
     def __init__(
         self,
         config: Config,
-        auth: UpstreamAuth,
-        pool: UpstreamPool,
+        targets: Sequence[UpstreamTarget],
         metrics: Metrics | None = None,
         telemetry: Telemetry | None = None,
     ) -> None:
@@ -98,12 +115,10 @@ class ServerState:
         if needs_limiter(config):
             self.limiter = Limiter(config.limits, observer=metrics)
             self.limiter.preload(config.client_keys())
-        self.auth = auth
-        self.pool = pool
-        self.origin = pool.origin
-        self.host_header = pool.origin.host_header
-        self.prefix = pool.origin.prefix
-        self.batch = pool.batch
+        self.targets = tuple(targets)
+        self.router = Router(config.targets(), config.routes)
+        self.pool = self.targets[0].pool  # the first upstream's (the only one, usually)
+        self.batch = self.pool.batch  # one per loop: every pool shares it
         self.connections: set[ClientConnection] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.draining = False
@@ -582,17 +597,26 @@ class ProxyServer:
     def __init__(
         self,
         config: Config,
-        auth: UpstreamAuth,
+        auth: UpstreamAuth | None,
         *,
         sockets: Sequence[socket.socket] = (),
         upstream_ssl: ssl.SSLContext | None = None,
         serve_admin: bool = True,
         worker: int | None = None,
     ) -> None:
-        """``sockets``: already listening sockets (plain, then TLS) handed over by the
-        supervisor; ``serve_admin`` False leaves the admin listener to the supervisor."""
+        """``auth``: the credential for ``[upstream_auth]`` (None when there is none); an
+        upstream with its own ``[upstreams.auth]`` gets one made here. ``sockets``: already
+        listening sockets (plain, then TLS) handed over by the supervisor; ``serve_admin``
+        False leaves the admin listener to the supervisor."""
         self.config = config
-        self.auth = auth
+        self.auths: dict[UpstreamAuthConfig, UpstreamAuth] = {}
+        if auth is not None and config.upstream_auth is not None:
+            self.auths[config.upstream_auth] = auth
+        for target in config.targets():
+            assert target.auth is not None  # resolved by Config.targets()
+            if target.auth not in self.auths:
+                self.auths[target.auth] = make_auth(target.auth)
+        self.auth = next(iter(self.auths.values()))  # the first upstream's, for its token
         self._sockets = list(sockets)
         self._upstream_ssl = upstream_ssl
         self._serve_admin = serve_admin
@@ -611,14 +635,23 @@ class ProxyServer:
     async def start(self) -> None:
         """Start the credential, bind the listener(s), the admin listener and the sweeper."""
         config = self.config
-        pool = UpstreamPool(
-            Origin(config.upstream_url),
-            connect_timeout=config.connect_timeout,
-            idle_timeout=config.pool_idle_timeout,
-            ssl_context=self._upstream_ssl,
-        )
-        self.state = state = ServerState(config, self.auth, pool, self.metrics, self.telemetry)
-        self.auth.metrics = self.metrics
+        batch = Batch()
+        targets = []
+        for up in config.targets():
+            assert up.auth is not None
+            pool = UpstreamPool(
+                Origin(up.url),
+                connect_timeout=config.connect_timeout,
+                idle_timeout=config.pool_idle_timeout,
+                ssl_context=self._upstream_ssl,
+                batch=batch,
+            )
+            targets.append(
+                UpstreamTarget(up.name, pool, self.auths[up.auth], Health(config.failover))
+            )
+        self.state = state = ServerState(config, targets, self.metrics, self.telemetry)
+        for auth in self.auths.values():
+            auth.metrics = self.metrics
         if self.metrics is not None:
             self.metrics.bind_state(
                 lambda: float(state.in_flight()),
@@ -626,7 +659,12 @@ class ProxyServer:
                 self.token_expires_in,
                 lambda: 1.0 if self.readiness()[0] else 0.0,
             )
-        await self.auth.start()
+            if config.upstreams:
+                self.metrics.bind_upstreams(
+                    [(t.name, _standing(t.health), _recovers_in(t.health)) for t in targets]
+                )
+        for auth in self.auths.values():
+            await auth.start()
         if state.validator is not None:
             state.spawn(state.validator.refresh())  # the issuer's keys, before the first token
         loop = asyncio.get_running_loop()
@@ -682,15 +720,22 @@ class ProxyServer:
         return int(self._servers[1].sockets[0].getsockname()[1])
 
     def readiness(self) -> tuple[bool, str]:
-        """Ready: an upstream credential is at hand and the proxy is not draining."""
-        if self.state is None or self.state.draining:
+        """Ready: the proxy is not draining and at least one upstream is usable (its
+        credential at hand, not cooling down, its circuit not open)."""
+        state = self.state
+        if state is None or state.draining:
             return False, "draining"
-        if not self.auth.ready():
+        if not any(t.auth.ready() for t in state.targets):
             return False, "no valid upstream credential"
+        now = time.monotonic()
+        if not any(t.auth.ready() and t.health.usable(now) for t in state.targets):
+            return False, "every upstream is cooling down or unreachable"
         return True, "ok"
 
     def token_expires_in(self) -> float:
-        expires = self.auth.token_expires_on
+        """Seconds until the first upstream token expires (NaN with static keys only)."""
+        ends = [a.token_expires_on for a in self.auths.values()]
+        expires = min((e for e in ends if e is not None), default=None)
         return expires - time.time() if expires is not None else float("nan")
 
     def _sweep_interval(self) -> float:
@@ -713,7 +758,8 @@ class ProxyServer:
             now = loop.time()
             for conn in list(state.connections):
                 conn.check_timeouts(now)
-            state.pool.reap(now)
+            for target in state.targets:
+                target.pool.reap(now)
             if self.metrics is not None:
                 self.metrics.refresh()
             flush_handlers()
@@ -774,7 +820,8 @@ class ProxyServer:
         for server in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1.0)
-        state.pool.close()
+        for target in state.targets:
+            target.pool.close()
         state.batch.run_deferred()  # the last requests' metrics and access lines
         if self.telemetry is not None:
             await self.telemetry.aclose(5.0)  # bounded, even with the collector down
@@ -786,7 +833,8 @@ class ProxyServer:
             self.metrics.refresh()  # with several workers: the last second's counts
         if self.admin is not None:
             await self.admin.close()
-        await self.auth.close()
+        for auth in self.auths.values():
+            await auth.close()
         return drained
 
     async def _wait_drained(self, timeout: float) -> bool:
@@ -799,6 +847,14 @@ class ProxyServer:
         except TimeoutError:
             return False
         return True
+
+
+def _standing(health: Health) -> Callable[[], str]:
+    return lambda: health.standing_at(time.monotonic()).value
+
+
+def _recovers_in(health: Health) -> Callable[[], float]:
+    return lambda: health.recovers_in(time.monotonic())
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -366,7 +366,7 @@ def from_config(
             "telemetry.otlp_endpoint: set, but OpenTelemetry is not installed; "
             "pip install 'claude-proxy[otel]'"
         )
-    return Telemetry(config.telemetry, config.upstream_url, worker=worker, env=env)
+    return Telemetry(config.telemetry, config.first_url, worker=worker, env=env)
 
 
 # --------------------------------------------------------------------------- the consumer

@@ -266,12 +266,13 @@ class UpstreamPool:
         connect_timeout: float,
         idle_timeout: float,
         ssl_context: ssl.SSLContext | None = None,
+        batch: Batch | None = None,
     ) -> None:
         self.origin = origin
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.ssl = (ssl_context or client_ssl_context()) if origin.tls else None
-        self.batch = Batch()
+        self.batch = batch or Batch()  # the loop's batch, shared with every other pool
         self._idle: list[UpstreamConnection] = []
         self._loop = asyncio.get_running_loop()
         self.connects = 0

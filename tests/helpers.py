@@ -321,7 +321,7 @@ class ProxyHandle:
 
 def start_proxy(lt: LoopThread, config: Config, auth: UpstreamAuth | None = None) -> ProxyHandle:
     async def go() -> ProxyHandle:
-        the_auth = auth or make_auth(config.upstream_auth)
+        the_auth = auth or (make_auth(config.upstream_auth) if config.upstream_auth else None)
         server = ProxyServer(config, the_auth)
         await server.start()
         return ProxyHandle(server, lt, server.port, the_auth)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 import os
 from pathlib import Path
 from typing import Any
@@ -376,6 +377,9 @@ def test_example_config_documents_every_key() -> None:
                 out += keys(inner, name + ".")
             elif name == "policies":
                 out += keys(JwtPolicy, "client_jwt.policies.")
+            elif name in ("upstreams", "routes"):  # arrays of tables
+                assert f"[[{name}]]" in example, f"[[{name}]] not documented"
+                out += keys(typing.get_args(inner)[0], name + ".")
             else:
                 out.append(prefix + name)
         return out

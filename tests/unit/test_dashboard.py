@@ -40,8 +40,11 @@ def exported() -> dict[str, set[str]]:
             model="m",
             input_tokens=3,
             output_tokens=4,
+            upstream="east",
         )
     )
+    metrics.bind_upstreams([("east", lambda: "ready", lambda: 0.0)])
+    metrics.failover("east", "west", "429")
     metrics.upstream_error("closed")
     metrics.acquisitions.inc()
     metrics.failures.inc()

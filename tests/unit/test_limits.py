@@ -27,10 +27,10 @@ from claude_proxy.limits import (
     Rules,
     TokenRateLimited,
     check_static,
-    model_of,
     needs_limiter,
     resets_in,
 )
+from claude_proxy.routing import model_of
 
 
 def head(error: LimitRefusal) -> bytes:
