@@ -211,7 +211,7 @@ def reopen_logs() -> None:
 
 TEXT = (
     '%s %s "%s %s" %d in=%d out=%d ttfb=%.1fms dur=%.1fms%s'  # today's fields, in today's order
-    " outcome=%s client=%s ua=%s upstream_id=%s"
+    " outcome=%s client=%s ua=%s upstream_id=%s%s"  # with [[upstreams]]: which, and attempts
 )
 _access_json = False
 _encode = msgspec.json.Encoder().encode
@@ -257,6 +257,7 @@ def log_access(rec: ExchangeRecord) -> None:
         rec.client_addr or "-",
         quoted(rec.user_agent),
         rec.upstream_request_id or "-",
+        f" upstream={rec.upstream} attempts={rec.attempts}" if rec.upstream is not None else "",
         extra=extra,
     )
 
@@ -272,27 +273,29 @@ def quoted(text: str | None) -> str:
 
 def access_json(rec: ExchangeRecord) -> str:
     """The access line as one JSON object: the fields README's Logging section lists."""
-    return _encode(
-        {
-            "time": rfc3339(rec.start_time),
-            "request_id": rec.request_id,
-            "client_key": rec.client_key,
-            "client_addr": rec.client_addr or None,
-            "method": rec.method,
-            "path": rec.path,
-            "status": rec.status or None,
-            "outcome": rec.outcome,
-            "bytes_in": rec.bytes_in,
-            "bytes_out": rec.bytes_out,
-            "ttfb_ms": round(rec.ttfb * 1000, 1) if rec.ttfb is not None else None,
-            "duration_ms": round(rec.duration * 1000, 1),
-            "model": rec.model or rec.request_model,
-            "input_tokens": rec.input_tokens,
-            "output_tokens": rec.output_tokens,
-            "upstream_request_id": rec.upstream_request_id,
-            "user_agent": rec.user_agent,
-        }
-    ).decode()
+    fields = {
+        "time": rfc3339(rec.start_time),
+        "request_id": rec.request_id,
+        "client_key": rec.client_key,
+        "client_addr": rec.client_addr or None,
+        "method": rec.method,
+        "path": rec.path,
+        "status": rec.status or None,
+        "outcome": rec.outcome,
+        "bytes_in": rec.bytes_in,
+        "bytes_out": rec.bytes_out,
+        "ttfb_ms": round(rec.ttfb * 1000, 1) if rec.ttfb is not None else None,
+        "duration_ms": round(rec.duration * 1000, 1),
+        "model": rec.model or rec.request_model,
+        "input_tokens": rec.input_tokens,
+        "output_tokens": rec.output_tokens,
+        "upstream_request_id": rec.upstream_request_id,
+        "user_agent": rec.user_agent,
+    }
+    if rec.upstream is not None:  # with [[upstreams]]: which one answered, after how many
+        fields["upstream"] = rec.upstream
+        fields["attempts"] = rec.attempts
+    return _encode(fields).decode()
 
 
 def rfc3339(when: float) -> str:

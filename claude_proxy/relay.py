@@ -643,11 +643,11 @@ class Exchange:
         shared = self.shared
         model = deployment_of(self.head.target) or self._request_model()
         targets = shared.targets
-        plan = [targets[i] for i in shared.router.plan(model, random.random)]
-        self.plan = plan
+        candidates = [targets[i] for i in shared.router.plan(model, random.random)]
+        self.plan = list(candidates)
         if not self._next_target():
-            wait = soonest((t.health for t in plan), time.monotonic())
-            names = ", ".join(t.name for t in plan)
+            wait = soonest((t.health for t in candidates), time.monotonic())
+            names = ", ".join(t.name for t in candidates)
             raise UpstreamsResting(
                 f"Every upstream for this request ({names}) is cooling down after refusing "
                 f"requests; the first is back in {wait:.0f} s.",
@@ -676,8 +676,8 @@ class Exchange:
         plan = self.plan
         if not plan or self.tries >= self.shared.config.failover.max_attempts:
             return False
-        if self.upstream_head and self.replay is None and self.attempts:
-            return False  # some of the body went and was not kept
+        if (self.req is SENT or self.req is STREAMING) and self.replay is None:
+            return False  # some of the request went and was not kept
         now = time.monotonic()
         return any(t.health.usable(now) for t in plan)
 
@@ -751,6 +751,7 @@ class Exchange:
         """No connection to this upstream: the next one is tried (connect failures always
         move on); with none left, the client gets the last refusal kept, or ``error``."""
         if self.plan is not None:
+            self.attempts += 1  # an attempt, though nothing was sent
             self.target.health.connect_failed(time.monotonic())
             self._fail_over(error.kind or "connect", error)
         else:
@@ -1075,10 +1076,12 @@ class Exchange:
         self.client.gate.resume(UPSTREAM_FULL)
         if self.resp.quiet:
             logger.warning("upstream error: %s", reason)
-            self.kept = None
-            self._lost_before_answer(
-                "malformed", UpstreamProtocolError("The upstream sent a malformed response.")
-            )
+            error = UpstreamProtocolError("The upstream sent a malformed response.")
+            if self.resp is REFUSED:  # it had refused already: the next one is asked
+                self.kept = None
+                self._fail_over("malformed", error)
+            else:
+                self._lost_before_answer("malformed", error)
         elif self.resp is BODY:
             self._upstream_error("malformed")
             self.fail("upstream_aborted", reason)

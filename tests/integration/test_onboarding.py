@@ -433,3 +433,59 @@ def test_rotated_keys_file_takes_effect_without_a_restart(
     assert proc.stop() == 0
     for key in (old_key, new_key, CLIENT_KEY, UPSTREAM_KEY):
         assert key not in proc.output
+
+
+def write_upstreams_config(tmp_path: Path, first: str, second: str) -> Path:
+    """Two [[upstreams]], the second with its own [upstreams.auth]."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        'port = 0\nclient_api_key = "${TEST_CLIENT_KEY}"\n'
+        '[upstream_auth]\ntype = "api_key"\napi_key = "${TEST_UPSTREAM_KEY}"\n'
+        f'[[upstreams]]\nname = "ptu"\nurl = "{first}"\n'
+        f'[[upstreams]]\nname = "paygo"\nurl = "{second}"\npriority = 2\n'
+        '[upstreams.auth]\ntype = "api_key"\napi_key = "${TEST_UPSTREAM_KEY}"\n'
+    )
+    path.chmod(0o600)
+    return path
+
+
+def test_check_probes_every_upstream(
+    tmp_path: Path,
+    upstream: RawUpstream,
+    held_port: socket.socket,
+    keys_env: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    dead = f"http://127.0.0.1:{held_port.getsockname()[1]}"
+    path = write_upstreams_config(tmp_path, upstream.url, dead)
+    code, report = check_json(["-c", str(path)], capsys)
+    # the first is fine; the second is named by its own key
+    assert code == EXIT_CHECK_FAILED and problem_keys(report) == ["upstreams[1].url"]
+    assert "cannot connect" in report["problems"][0]["message"]
+    code = main(["check", "-c", str(path)])
+    out = capsys.readouterr().out
+    assert "connect (ptu)" in out and "connect (paygo)" in out
+    assert "api key (ptu)" in out and "api key (paygo)" in out
+
+
+def test_a_process_with_upstreams_fails_over_and_says_so(
+    tmp_path: Path, upstream: RawUpstream, held_port: socket.socket, proc_factory
+) -> None:
+    """The real command: the banner lists the upstreams, a refused connect moves on, and
+    /readyz and /metrics tell the story."""
+    dead = f"http://127.0.0.1:{held_port.getsockname()[1]}"
+    path = write_upstreams_config(tmp_path, dead, upstream.url)
+    path.write_text(path.read_text() + "[admin]\nport = 0\n")
+    proc = proc_factory(["-c", str(path)])
+    match = proc.wait_line(READY.pattern + r".*, admin on http://[\d.]+:(\d+)")
+    port, admin = int(match.group(1)), int(match.group(2))
+    assert "upstream ptu " in proc.output and "upstream paygo " in proc.output
+    resp = exchange(port, request_bytes("POST", "/v1/messages", [("x-api-key", CLIENT_KEY)]))
+    assert resp.status == 200 and len(upstream.requests) == 1
+    assert exchange(admin, request_bytes("GET", "/readyz", [])).status == 200
+    metrics = exchange(admin, request_bytes("GET", "/metrics", [])).body.decode()
+    assert 'claude_proxy_failovers_total{from="ptu",reason="connect_refused",to="paygo"} 1.0' in (
+        metrics
+    )
+    assert 'claude_proxy_upstream_requests_total{code="200",upstream="paygo"} 1.0' in metrics
+    assert proc.stop() == 0
