@@ -743,8 +743,6 @@ class Exchange:
             )
             return
         self.task = None
-        if self.plan is not None:
-            target.health.connected()
         self._attach(conn)
 
     def _connect_failed(self, error: ProxyError) -> None:
@@ -764,6 +762,8 @@ class Exchange:
         self.attempts += 1
         self.upstream = conn
         conn.attach(self)
+        if self.plan is not None:
+            self.target.health.connected()  # reachable: a circuit being probed closes
         if self.client.write_paused:
             conn.gate.pause(CLIENT_FULL)  # the client is not taking what it is sent: wait with it
         out = [self.upstream_head, *self.pending]

@@ -366,7 +366,10 @@ def from_config(
             "telemetry.otlp_endpoint: set, but OpenTelemetry is not installed; "
             "pip install 'claude-proxy[otel]'"
         )
-    return Telemetry(config.telemetry, config.first_url, worker=worker, env=env)
+    upstreams = {u.name: u.url for u in config.targets()} if config.upstreams else None
+    return Telemetry(
+        config.telemetry, config.first_url, worker=worker, env=env, upstreams=upstreams
+    )
 
 
 # --------------------------------------------------------------------------- the consumer
@@ -386,9 +389,11 @@ class Telemetry:
         *,
         worker: int | None = None,
         env: Mapping[str, str] | None = None,
+        upstreams: Mapping[str, str] | None = None,
     ) -> None:
         """``env`` is read for the endpoints, header secrets and metric settings; the OTLP
-        exporters read their own variables (headers, timeout, TLS) from ``os.environ``."""
+        exporters read their own variables (headers, timeout, TLS) from ``os.environ``.
+        ``upstreams``: name to URL, with several: a span names the one that answered."""
         from . import otlp  # the SDK, only now
 
         env = os.environ if env is None else env
@@ -396,6 +401,7 @@ class Telemetry:
         for value in header_values(env):
             register_secret(value)
         self.server = upstream_server(upstream_url)
+        self.servers = {name: upstream_server(url) for name, url in (upstreams or {}).items()}
         self.propagate = config.propagate
         self.traces_endpoint = signal_endpoint(config.otlp_endpoint, "traces", env)
         self.metrics_endpoint = signal_endpoint(config.otlp_endpoint, "metrics", env)
@@ -458,7 +464,8 @@ class Telemetry:
             sampled = (trace_id & _TRACE_ID_LIMIT) < self._sample_bound
         if not sampled:
             return
-        attributes = span_attributes(rec, operation, self.server)
+        server = self.servers.get(rec.upstream, self.server) if rec.upstream else self.server
+        attributes = span_attributes(rec, operation, server)
         if error is not None:
             attributes[ERROR_TYPE] = error
         start = int(rec.start_time * 1e9)

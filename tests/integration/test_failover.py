@@ -631,3 +631,97 @@ def test_the_json_access_line_names_the_upstream_and_attempts() -> None:
     doc = json.loads(access_json(rec))
     assert doc["upstream"] == "fine" and doc["attempts"] == 2
     assert "upstream" not in json.loads(access_json(dataclasses.replace(rec, upstream=None)))
+
+
+# ================================================================ edges of the new states
+
+
+def test_a_head_request_refused_moves_on(
+    make: Callable[..., RawUpstream], proxies: Callable[[Config], ProxyHandle]
+) -> None:
+    busy = make(
+        answers(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\nContent-Length: 9\r\n\r\n")
+    )
+    fine = make(answers(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"))
+    proxy = proxies(multi_config([("busy", busy.url, 1), ("fine", fine.url, 2)]))
+    resp = exchange(proxy.port, request_bytes("HEAD", "/v1/models", [KEY]), head=True)
+    assert resp.status == 200 and resp.header("content-length") == b"5"
+    assert len(busy.requests) == len(fine.requests) == 1
+
+
+def test_a_chunked_refusal_is_relayed_with_its_trailers_when_it_is_the_last(
+    make: Callable[..., RawUpstream], proxies: Callable[[Config], ProxyHandle]
+) -> None:
+    first = make(answers(refusal(503, ("retry-after", "30"))))
+    chunked = (
+        b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\nTrailer: x-end\r\n"
+        b"retry-after: 20\r\n\r\n5\r\nslow \r\n4\r\ndown\r\n0\r\nx-end: yes\r\n\r\n"
+    )
+    last = make(answers(chunked))
+    proxy = proxies(multi_config([("first", first.url, 1), ("last", last.url, 2)]))
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(request_bytes("POST", MESSAGES, [KEY], b'{"model":"m"}'))
+        resp = read_response(sock)
+    assert resp.status == 429 and resp.body == b"slow down"
+    assert resp.header("retry-after") == b"20"
+    assert resp.raw.endswith(b"0\r\nx-end: yes\r\n\r\n")
+
+
+def test_pipelined_requests_keep_their_order_through_a_failover(
+    make: Callable[..., RawUpstream], proxies: Callable[[Config], ProxyHandle]
+) -> None:
+    def busy_for_first(request: Recorded) -> list[Any]:
+        if b"first" in request.body:
+            return [refusal(429, ("retry-after", "0"))]
+        return [ok_response(b"busy saw " + bytes(request.body))]
+
+    busy = make(busy_for_first)
+    fine = make(lambda r: [ok_response(b"fine saw " + bytes(r.body))])
+    proxy = proxies(multi_config([("busy", busy.url, 1), ("fine", fine.url, 2)]))
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(
+            request_bytes("POST", MESSAGES, [KEY], b"first")
+            + request_bytes("POST", MESSAGES, [KEY], b"second")
+        )
+        one, two = read_response(sock), read_response(sock)
+    assert one.body == b"fine saw first"
+    assert two.body == b"busy saw second"  # retry-after 0: busy is not resting
+
+
+def test_a_client_gone_while_a_refusal_is_read_ends_everything(
+    make: Callable[..., RawUpstream],
+    proxies: Callable[[Config], ProxyHandle],
+    lt: LoopThread,
+) -> None:
+    release = threading.Event()
+    head = b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 30\r\nContent-Length: 10\r\n\r\n"
+    slow = make(answers(head, b"12345", release, b"67890"))
+    spare = make(answered_by("spare"))
+    proxy = proxies(multi_config([("slow", slow.url, 1), ("spare", spare.url, 2)]))
+    try:
+        with raw_connect(proxy.port) as sock:
+            sock.sendall(request_bytes("POST", MESSAGES, [KEY], b'{"model":"m"}'))
+            slow.wait_for(lambda: len(slow.requests) == 1)
+            state = proxy.server.state
+            assert state is not None
+            lt_wait(
+                lt,
+                lambda: any(
+                    c.active is not None and c.active.resp.label == "refused"
+                    for c in state.connections
+                ),
+            )
+        # the client is gone: the exchange ends, the refusing upstream is let go, nothing
+        # goes to the spare
+        lt_wait(lt, lambda: not any(c.active for c in state.connections))
+        slow.wait_for(lambda: not slow.open_protocols)
+    finally:
+        release.set()
+    assert spare.requests == []
+
+
+def lt_wait(lt: LoopThread, predicate: Callable[[], bool]) -> None:
+    """Wait for a condition on the proxy's own state, read on its loop."""
+    from ..helpers import wait_until
+
+    wait_until(lambda: lt.call(predicate))
