@@ -562,6 +562,8 @@ def _check_upstreams(config: Config) -> None:
         if not route.upstreams:
             raise ConfigError(f"{where}.upstreams: expected one or more upstream names")
         for j, name in enumerate(route.upstreams):
+            if name in route.upstreams[:j]:
+                raise ConfigError(f"{where}.upstreams[{j}]: {name!r} is named twice")
             if name not in names:
                 known = ", ".join(sorted(names)) or "none: routes need [[upstreams]]"
                 raise ConfigError(f"{where}.upstreams[{j}]: no upstream {name!r} ({known})")
@@ -573,8 +575,12 @@ def _check_upstreams(config: Config) -> None:
         raise ConfigError("failover.max_attempts: must be at least 1 (1: no failover)")
     if fo.replay_limit < 0:
         raise ConfigError("failover.replay_limit: expected 0 or more bytes")
-    if not 0 < fo.cooldown <= fo.max_cooldown:
-        raise ConfigError("failover.cooldown: expected more than 0 and at most max_cooldown")
+    if not fo.cooldown > 0:
+        raise ConfigError("failover.cooldown: must be greater than 0")
+    if fo.max_cooldown < fo.cooldown:
+        raise ConfigError(
+            f"failover.max_cooldown: must be at least failover.cooldown ({fo.cooldown:g})"
+        )
     if fo.circuit_failures < 1:
         raise ConfigError("failover.circuit_failures: must be at least 1")
 

@@ -19,10 +19,12 @@ random source in, so every rule is tested with plain values.
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import enum
 import fnmatch
 import math
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -41,6 +43,7 @@ class _ModelOnly(msgspec.Struct):
 _MODEL_DECODER: Final = msgspec.json.Decoder(_ModelOnly)
 _WS: Final = b" \t\r\n"
 _KEY: Final = b'"model"'
+_CONTROL: Final = re.compile(rb"[\x00-\x1f]")
 
 
 def model_of(body: bytes) -> str | None:
@@ -82,8 +85,8 @@ def leading_model(body: bytes) -> str | None:
     if end < 0:
         return None
     raw = body[i + 1 : end]
-    if b"\\" in raw:
-        return None  # an escape: leave it to the full decoder
+    if b"\\" in raw or _CONTROL.search(raw) is not None:
+        return None  # an escape, or a control character JSON forbids: the decoder decides
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -103,15 +106,13 @@ _DEPLOYMENTS: Final = b"/openai/deployments/"
 
 def deployment_of(target: bytes) -> str | None:
     """The deployment of a legacy Azure OpenAI target, ``/openai/deployments/<name>/...``."""
-    start = target.find(_DEPLOYMENTS)
+    path = target.split(b"?", 1)[0]  # never the query: it is the client's to fill
+    start = path.find(_DEPLOYMENTS)
     if start < 0:
         return None
     start += len(_DEPLOYMENTS)
-    end = start
-    n = len(target)
-    while end < n and target[end] not in b"/?":
-        end += 1
-    name = target[start:end]
+    end = path.find(b"/", start)
+    name = path[start:] if end < 0 else path[start:end]
     return name.decode("latin-1") if name else None
 
 
@@ -145,6 +146,8 @@ def retry_hint(headers: Iterable[tuple[bytes, bytes]], now_wall: float) -> float
         when = email.utils.parsedate_to_datetime(after.decode("latin-1"))
     except (TypeError, ValueError, IndexError):
         return None
+    if when.tzinfo is None:  # asctime and "-0000" forms: an HTTP-date is always UTC (§5.6.7)
+        when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - now_wall)
 
 
@@ -199,13 +202,12 @@ class Health:
         return True
 
     def refused(self, now: float, hint: float | None) -> None:
-        """It answered 429, 503 or 529: rest for the hint (capped), or ``cooldown``."""
+        """It answered 429, 503 or 529: rest for the hint (capped), or ``cooldown``. A rest
+        under way is never shortened, and a hint of 0 asks for none."""
         rest = self.settings.cooldown if hint is None else hint
         rest = min(rest, self.settings.max_cooldown)
         if rest > 0:
-            self._to(COOLING, max(now + rest, self.until if self.standing is COOLING else 0.0))
-        elif self.standing is not READY:
-            self._to(READY)
+            self._to(COOLING, max(now + rest, self.until if self.standing is not READY else 0.0))
 
     def connected(self) -> None:
         """A connection to it is up: the circuit closes."""
@@ -216,7 +218,8 @@ class Health:
     def connect_failed(self, now: float) -> None:
         self.failures += 1
         if self.standing is PROBING or self.failures >= self.settings.circuit_failures:
-            self._to(OPEN, now + self.settings.cooldown)
+            later = self.until if self.standing is COOLING else 0.0  # a longer rest stays
+            self._to(OPEN, max(now + self.settings.cooldown, later))
 
     def standing_at(self, now: float) -> Standing:
         """The standing as it reads at ``now``: a cooldown that is over reads as ready."""

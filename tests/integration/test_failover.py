@@ -45,6 +45,7 @@ from ..helpers import (
     read_response,
     request_bytes,
     start_proxy,
+    wait_until,
 )
 
 KEY = ("x-api-key", CLIENT_KEY)
@@ -222,6 +223,7 @@ def test_connect_refused_moves_on(
     dead = f"http://127.0.0.1:{closed_port()}"
     proxy = proxies(multi_config([("dead", dead, 1), ("fine", fine.url, 2)], admin=_admin_port0()))
     assert post(proxy.port).json() == {"from": "fine"}
+    wait_until(lambda: bool(access_records(access_log)))  # written after the response went
     rec = access_records(access_log)[-1]
     assert (rec.upstream, rec.attempts, rec.status) == ("fine", 2, 200)
     assert (
@@ -722,6 +724,4 @@ def test_a_client_gone_while_a_refusal_is_read_ends_everything(
 
 def lt_wait(lt: LoopThread, predicate: Callable[[], bool]) -> None:
     """Wait for a condition on the proxy's own state, read on its loop."""
-    from ..helpers import wait_until
-
     wait_until(lambda: lt.call(predicate))

@@ -801,3 +801,56 @@ def test_plan_is_serving_then_order(model: str | None, seed: int) -> None:
 )
 def test_plan_examples(model: str, plan: list[int]) -> None:
     assert ROUTED.plan(model, random.Random(0).random) == plan
+
+
+# ------------------------------------------------------------------ found in review, fixed
+
+
+@pytest.mark.parametrize("tz", ["UTC", "America/New_York", "Asia/Tokyo"])
+@pytest.mark.parametrize(
+    "form", ["%a %b %e %H:%M:%S %Y", "%a, %d %b %Y %H:%M:%S -0000"], ids=["asctime", "-0000"]
+)
+def test_an_http_date_is_utc_whatever_the_servers_zone(
+    monkeypatch: pytest.MonkeyPatch, tz: str, form: str
+) -> None:
+    import time
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        now = 1.8e9
+        date = time.strftime(form, time.gmtime(now + 20)).encode()
+        assert retry_hint([(b"retry-after", date)], now) == 20.0
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def test_a_zero_hint_never_ends_a_rest_under_way() -> None:
+    health = Health(FailoverConfig(cooldown=10, circuit_failures=1))
+    health.refused(0.0, 30.0)
+    health.refused(1.0, 0.0)
+    assert health.standing is Standing.COOLING and health.until == 30.0
+    opened = Health(FailoverConfig(cooldown=10, circuit_failures=1))
+    opened.connect_failed(0.0)
+    opened.refused(1.0, 0.0)
+    assert opened.standing is Standing.OPEN and not opened.usable(5.0)
+
+
+def test_connect_failures_during_a_long_rest_keep_it() -> None:
+    health = Health(FailoverConfig(cooldown=10, circuit_failures=3))
+    health.refused(0.0, 300.0)
+    for _ in range(3):
+        health.connect_failed(1.0)
+    assert health.standing is Standing.OPEN and health.until == 300.0
+
+
+def test_the_query_never_names_a_deployment() -> None:
+    assert deployment_of(b"/v1/messages?next=/openai/deployments/evil/x") is None
+    assert deployment_of(b"/openai/deployments/gpt-4o?x=/openai/deployments/evil/") == "gpt-4o"
+
+
+@pytest.mark.parametrize("raw", [b'{"model":"a\nb"}', b'{"model":"a\tb"}', b'{"model":"a\x00"}'])
+def test_a_control_character_in_the_model_is_left_to_the_decoder(raw: bytes) -> None:
+    assert leading_model(raw) is None
+    assert routing_model(raw) is None  # not JSON: no model at all

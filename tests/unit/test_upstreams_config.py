@@ -150,8 +150,8 @@ def error_of(raw: dict[str, Any]) -> str:
         (several(failover={"replay_limit": -1}), "failover.replay_limit"),
         (several(failover={"cooldown": 0}), "failover.cooldown"),
         (several(failover={"cooldown": -5}), "failover.cooldown"),
-        (several(failover={"cooldown": 301}), "failover.cooldown"),
-        (several(failover={"cooldown": 20, "max_cooldown": 10}), "failover.cooldown"),
+        (several(failover={"cooldown": 301}), "failover.max_cooldown"),  # over the default 300
+        (several(failover={"cooldown": 20, "max_cooldown": 10}), "failover.max_cooldown"),
         (several(failover={"circuit_failures": 0}), "failover.circuit_failures"),
         (several(failover={"max_attempts": "3"}), "failover.max_attempts"),
         (several(failover="on"), "failover"),
@@ -395,3 +395,9 @@ def test_a_file_with_a_mistake_names_its_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path), env={"PTU_KEY": SECRET})
     assert str(info.value).startswith("routes[1].upstreams[1]:")
+
+
+def test_a_route_naming_an_upstream_twice_is_refused() -> None:
+    raw = several(routes=[{"models": ["claude-*"], "upstreams": ["a", "a"]}])
+    with pytest.raises(ConfigError, match=r"^routes\[0\]\.upstreams\[1\]: 'a' is named twice"):
+        parse(raw)
