@@ -367,8 +367,8 @@ class Metrics:
             tally.ttfb_sum += ttfb
         if rec.upstream is not None and rec.origin == "upstream":
             self.upstream_requests.labels(rec.upstream, STATUS_CODE.get(rec.status, OTHER)).inc()
-            if ttfb is not None and ttfb >= 0:
-                self.upstream_ttfb.labels(rec.upstream).observe(ttfb)
+            if rec.upstream_ttfb is not None and rec.upstream_ttfb >= 0:
+                self.upstream_ttfb.labels(rec.upstream).observe(rec.upstream_ttfb)
         counts = (
             rec.input_tokens,
             rec.output_tokens,

@@ -56,5 +56,6 @@ class ExchangeRecord:
     user_agent: str | None = None
     user: str | None = None  # a JWT user's name_claim (logs only: never a metric label)
     traceparent: str | None = None  # the client's W3C trace context, as sent
-    upstream: str | None = None  # which upstream answered
+    upstream: str | None = None  # with [[upstreams]]: which answered (or was tried last)
+    upstream_ttfb: float | None = None  # from the request sent to it to its answer's head
     attempts: int = 1  # upstream attempts made (more than one after a retry or failover)

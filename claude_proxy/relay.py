@@ -181,6 +181,8 @@ class Kept:
         "headers",
         "reason",
         "reusable",
+        "sent_at",
+        "source",
         "status",
         "trailers",
         "until_close",
@@ -192,9 +194,13 @@ class Kept:
         reason: bytes,
         headers: list[tuple[bytes, bytes]],
         *,
+        source: Target,
+        sent_at: float,
         until_close: bool,
         reusable: bool,
     ) -> None:
+        self.source = source  # the upstream that refused
+        self.sent_at = sent_at  # when the request went to it
         self.status = status
         self.reason = reason
         self.headers = headers
@@ -333,6 +339,7 @@ class Exchange:
         "stream_reader",
         "t_end",
         "t_first",
+        "t_sent",
         "t_start",
         "target",
         "task",
@@ -391,6 +398,7 @@ class Exchange:
         self.bytes_out = 0
         self.t_start = time.perf_counter()
         self.t_first = 0.0
+        self.t_sent = 0.0  # with [[upstreams]]: when the request went to the one answering
         self.t_end = 0.0
         self.watch_bytes = -1
         self.watch_since = 0.0
@@ -764,6 +772,7 @@ class Exchange:
         conn.attach(self)
         if self.plan is not None:
             self.target.health.connected()  # reachable: a circuit being probed closes
+            self.t_sent = time.perf_counter()
         if self.client.write_paused:
             conn.gate.pause(CLIENT_FULL)  # the client is not taking what it is sent: wait with it
         out = [self.upstream_head, *self.pending]
@@ -920,6 +929,8 @@ class Exchange:
             status,
             reason,
             headers,
+            source=self.target,
+            sent_at=self.t_sent,
             until_close=not found.chunked and found.content_length is None,
             reusable=self.req is SENT,
         )
@@ -991,6 +1002,7 @@ class Exchange:
     def _relay_kept(self, kept: Kept) -> None:
         """Every upstream refused: the last refusal goes to the client as it came."""
         self.plan = None  # nothing more is tried
+        self.target, self.t_sent = kept.source, kept.sent_at  # the record names who answered
         self.on_response_head(kept.status, kept.reason, kept.headers)
         for part in kept.body:
             self.on_response_body(part)
@@ -1288,6 +1300,7 @@ class Exchange:
             request_model=self.request_model,
             user=self.identity.name if self.identity is not None else None,
             upstream=self.target.name if self.tries else None,  # with [[upstreams]]
+            upstream_ttfb=self.t_first - self.t_sent if self.t_sent and self.t_first else None,
             attempts=self.attempts,
         )
 

@@ -43,6 +43,7 @@ from ..helpers import (
     ok_response,
     raw_connect,
     read_response,
+    read_responses,
     request_bytes,
     start_proxy,
     wait_until,
@@ -348,7 +349,9 @@ def test_the_last_refusal_is_relayed_byte_for_byte(
 
 
 def test_a_refusal_kept_is_relayed_when_the_next_upstream_cannot_be_reached(
-    make: Callable[..., RawUpstream], proxies: Callable[[Config], ProxyHandle]
+    make: Callable[..., RawUpstream],
+    proxies: Callable[[Config], ProxyHandle],
+    access_log: pytest.LogCaptureFixture,
 ) -> None:
     busy = make(answers(refusal(429, ("retry-after", "30"))))
     dead = f"http://127.0.0.1:{closed_port()}"
@@ -356,6 +359,9 @@ def test_a_refusal_kept_is_relayed_when_the_next_upstream_cannot_be_reached(
     resp = post(proxy.port)
     assert resp.status == 429 and b"refused by this deployment" in resp.body
     assert resp.header("retry-after") == b"30"
+    wait_until(lambda: bool(access_records(access_log)))
+    rec = access_records(access_log)[-1]
+    assert (rec.upstream, rec.attempts, rec.origin) == ("busy", 2, "upstream")  # who answered
 
 
 def test_every_upstream_resting_before_any_was_tried_is_a_429_naming_the_soonest(
@@ -685,7 +691,7 @@ def test_pipelined_requests_keep_their_order_through_a_failover(
             request_bytes("POST", MESSAGES, [KEY], b"first")
             + request_bytes("POST", MESSAGES, [KEY], b"second")
         )
-        one, two = read_response(sock), read_response(sock)
+        one, two = read_responses(sock, 2)  # both may come in one read
     assert one.body == b"fine saw first"
     assert two.body == b"busy saw second"  # retry-after 0: busy is not resting
 

@@ -41,6 +41,7 @@ def exported() -> dict[str, set[str]]:
             input_tokens=3,
             output_tokens=4,
             upstream="east",
+            upstream_ttfb=0.005,
         )
     )
     metrics.bind_upstreams([("east", lambda: "ready", lambda: 0.0)])
