@@ -80,7 +80,9 @@ LARGE = 10 * 1024 * 1024
 # Feature cost rows: (name, extra config TOML laid over the plain config). Each variant runs in a
 # process of its own under the plain rows' load (small POST, c=64), between two runs of the plain
 # config, and is reported as CPU per request added and throughput change against them. In the
-# TOML, ${work} is a directory of the variant's own ($$ for a literal $). Add a row per feature.
+# TOML, ${work} is a directory of the variant's own and ${upstream} the plain config's upstream
+# URL ($$ for a literal $); [[upstreams]] in a row replace the plain upstream_url. Add a row per
+# feature.
 # A key with limits: the client's key moves from client_api_key to a named, limited entry.
 LIMITED_KEY = (
     'client_api_key = "bench-unused-key"\n'
@@ -406,7 +408,7 @@ def claude_proxy(
     """A claude-proxy process of ``build`` (this code by default) in front of ``upstream``.
 
     Yields (port, pid). ``extra``: TOML laid over the plain config (``${work}`` is a directory of
-    this process's own).
+    this process's own, ``${upstream}`` is ``upstream``).
     """
     build = build or env.current
     port = free_port()
@@ -418,6 +420,7 @@ def claude_proxy(
             base_config(upstream, port, workers),
             extra,
             work=str(work),
+            upstream=upstream,
             redis=f"redis://127.0.0.1:{env.redis}/0",
             otlp=f"http://127.0.0.1:{env.otlp}",
         )
@@ -912,6 +915,7 @@ def main(argv: list[str] | None = None) -> int:
                         base_config("http://127.0.0.1:1", 1, 1),
                         toml,
                         work=tmp,
+                        upstream="http://127.0.0.1:1",
                         redis="redis://127.0.0.1:1/0",
                         otlp="http://127.0.0.1:1",
                     )

@@ -100,6 +100,20 @@ def test_config_text_names_a_bad_variant(extra: str, message: str) -> None:
         config_text(BASE, extra, work="/w")
 
 
+def test_config_text_lets_upstreams_replace_upstream_url() -> None:
+    extra = '[[upstreams]]\nname = "a"\nurl = "${upstream}"\n'
+    extra += '[[upstreams]]\nname = "b"\nurl = "${upstream}"\n'
+    doc = tomllib.loads(config_text(BASE, extra, upstream="http://u:9"))
+    expected = {k: v for k, v in BASE.items() if k != "upstream_url"}
+    upstreams = [{"name": "a", "url": "http://u:9"}, {"name": "b", "url": "http://u:9"}]
+    assert doc == {**expected, "upstreams": upstreams}
+
+
+def test_config_text_keeps_upstream_url_without_upstreams() -> None:
+    doc = tomllib.loads(config_text(BASE, '[[routes]]\nmodels = ["m*"]\nupstreams = ["a"]\n'))
+    assert doc["upstream_url"] == BASE["upstream_url"]
+
+
 @pytest.mark.parametrize(("rounds", "order"), [(1, "ABA"), (2, "ABABA"), (3, "ABABABA")])
 def test_alternate_puts_every_b_between_two_a(rounds: int, order: str) -> None:
     calls: list[str] = []
