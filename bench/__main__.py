@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -47,6 +48,9 @@ from bench.compare import (
     markdown_table,
     mean_run,
 )
+from bench.routing_cost import BUDGET_US, measure_routing, upstreams_toml
+from claude_proxy.config import parse as parse_config
+from claude_proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -80,7 +84,9 @@ LARGE = 10 * 1024 * 1024
 # Feature cost rows: (name, extra config TOML laid over the plain config). Each variant runs in a
 # process of its own under the plain rows' load (small POST, c=64), between two runs of the plain
 # config, and is reported as CPU per request added and throughput change against them. In the
-# TOML, ${work} is a directory of the variant's own ($$ for a literal $). Add a row per feature.
+# TOML, ${work} is a directory of the variant's own and ${upstream} the plain config's upstream
+# URL ($$ for a literal $); [[upstreams]] in a row replace the plain upstream_url. Add a row per
+# feature.
 # A key with limits: the client's key moves from client_api_key to a named, limited entry.
 LIMITED_KEY = (
     'client_api_key = "bench-unused-key"\n'
@@ -97,6 +103,12 @@ FEATURES: list[tuple[str, str]] = [
     ("key with limits, in-process", LIMITED_KEY),
     ("key with limits, Redis on loopback", LIMITED_KEY + '[limits]\nredis_url = "${redis}"\n'),
     ("telemetry, sample 1.0", '[telemetry]\notlp_endpoint = "${otlp}"\nsample_ratio = 1.0\n'),
+    # All three at the plain upstream: the router plans and failover is armed on every request,
+    # but no upstream refuses, so the first attempt always answers.
+    ("three [[upstreams]] (failover armed)", upstreams_toml(routes=False)),
+    # The route names models, so the whole body is held for its model before the upstream is
+    # chosen (the small body's "model" is "m", its first member).
+    ("[[upstreams]] + routes by model", upstreams_toml(routes=True)),
 ]
 # The rows compared with the baseline (small POST concurrency); in a smoke run, every row.
 BASELINE_CONNS = (1, 64, 256)
@@ -406,7 +418,7 @@ def claude_proxy(
     """A claude-proxy process of ``build`` (this code by default) in front of ``upstream``.
 
     Yields (port, pid). ``extra``: TOML laid over the plain config (``${work}`` is a directory of
-    this process's own).
+    this process's own, ``${upstream}`` is ``upstream``).
     """
     build = build or env.current
     port = free_port()
@@ -418,6 +430,7 @@ def claude_proxy(
             base_config(upstream, port, workers),
             extra,
             work=str(work),
+            upstream=upstream,
             redis=f"redis://127.0.0.1:{env.redis}/0",
             otlp=f"http://127.0.0.1:{env.otlp}",
         )
@@ -583,6 +596,7 @@ def run(env: Env) -> dict[str, Any]:
     results: dict[str, Any] = {"small": {}, "small_tls": {}, "large": {}, "sse": {}, "workers": {}}
     table: list[Comparison] = []
     direct = f"http://127.0.0.1:{env.up}"
+    results["routing"] = routing(env)
     with contextlib.ExitStack() as stack:
         cp, cp_pid = stack.enter_context(claude_proxy(env, direct))
         old = None
@@ -687,7 +701,10 @@ def features(env: Env) -> dict[str, Any]:
                 result = measure(env, *proc, conns)
                 after = measure(env, *plain, conns)
                 plain_runs.append(after)
-                costs[name].append(feature_cost(result, before, after))
+                # a variant that answers errors measures its error path, not the feature
+                costs[name].append(
+                    feature_cost(result, before, after) | {"errors": result["errors"]}
+                )
                 before = after
     base = mean_run(plain_runs)
     rps = [r["rps"] for r in plain_runs]
@@ -706,6 +723,32 @@ def features(env: Env) -> dict[str, Any]:
             flush=True,
         )
         rows[name] = row | {"each": each}
+        if any(c["errors"] for c in each):
+            print(
+                f"FEATURES row {name!r}: non-2xx answers: its cost is not the feature's",
+                file=sys.stderr,
+            )
+    return rows
+
+
+def routing(env: Env) -> dict[str, Any]:
+    """What routing by model costs once the body is complete, in this process (no servers):
+    the model from the first 64 KiB read or from the whole body, then the router's plan, for
+    the routed feature row's upstreams. Only this code is measured, never the baseline."""
+    n = 2000 if env.smoke else 20000
+    rows = measure_routing(SMALL_BODY, n)
+    print(f"routing by model, in-process (best of {rows['repeat']} x {n} requests):", flush=True)
+    for key in ("claude_code_100kb", "sdk_100kb", "leading_1kb"):
+        r = rows[key]
+        verdict = ""
+        if key == "claude_code_100kb":
+            verdict = f"  budget {BUDGET_US:.0f} µs: {'ok' if rows['within_budget'] else 'OVER'}"
+        print(
+            f"{'  ' + r['label']:<34} {r['us']:>9.2f} us/request  {r['bytes'] / 1024:5.1f} KB"
+            f" in {len(r['chunks'])} read(s), model by {r['read_by']}"
+            f" ({r['model']!r} -> {', '.join(r['serving'])}){verdict}",
+            flush=True,
+        )
     return rows
 
 
@@ -906,16 +949,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.baseline:
                 env.baseline = stack.enter_context(baseline_build(args.baseline, env.work))
-            for name, toml in FEATURES:  # a typo in a feature row stops the run before any load
+            # a typo in a feature row, or a config this code refuses, stops the run before any load
+            for name, toml in FEATURES:
                 try:
-                    config_text(
+                    text = config_text(
                         base_config("http://127.0.0.1:1", 1, 1),
                         toml,
                         work=tmp,
+                        upstream="http://127.0.0.1:1",
                         redis="redis://127.0.0.1:1/0",
                         otlp="http://127.0.0.1:1",
                     )
-                except ValueError as exc:
+                    parse_config(tomllib.loads(text))
+                except (ValueError, ConfigError) as exc:
                     raise ValueError(f"FEATURES row {name!r}: {exc}") from None
             builds = [env.current, *filter(None, [env.baseline])]
             for build in builds:

@@ -1,7 +1,7 @@
 """The benchmark's pure parts: config variants as TOML, and A/B/A runs turned into comparisons.
 
-No I/O here, so that ``bench/test_compare.py`` checks it with plain values. ``__main__`` runs the
-processes and the load and hands the numbers to these functions.
+No I/O here, so that ``tests/unit/test_bench_compare.py`` checks it with plain values.
+``__main__`` runs the processes and the load and hands the numbers to these functions.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ def toml_dumps(doc: Mapping[str, Any]) -> str:
 def config_text(base: Mapping[str, Any], extra: str, **names: str) -> str:
     """The config file for a variant: ``extra`` (TOML, ``${name}`` substituted) over ``base``.
 
+    A variant that gives ``upstreams`` (``[[upstreams]]`` tables) replaces the base's
+    ``upstream_url``: the config takes one upstream or several, never both, so the base's
+    single upstream is dropped rather than kept beside them.
+
     Raises ``ValueError`` naming the variant's problem, so that a typo in a feature row stops
     the run before any load is sent.
     """
@@ -71,6 +75,8 @@ def config_text(base: Mapping[str, Any], extra: str, **names: str) -> str:
         parsed = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"feature TOML does not parse: {exc}\n{text}") from None
+    if "upstreams" in parsed:
+        base = {key: value for key, value in base.items() if key != "upstream_url"}
     return toml_dumps(merge(base, parsed))
 
 

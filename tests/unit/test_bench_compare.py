@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 import tomllib
 from typing import Any
 
 import pytest
 
+from bench import routing_cost
+from bench.__main__ import FEATURES, SMALL_BODY, base_config
 from bench.compare import (
     Comparison,
     Metric,
@@ -20,6 +23,8 @@ from bench.compare import (
     merge,
     toml_dumps,
 )
+from claude_proxy import routing
+from claude_proxy.config import parse
 
 BASE: dict[str, Any] = {
     "upstream_url": "http://127.0.0.1:1",
@@ -98,6 +103,101 @@ def test_config_text_is_the_variant_over_the_plain_config(
 def test_config_text_names_a_bad_variant(extra: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         config_text(BASE, extra, work="/w")
+
+
+def test_config_text_lets_upstreams_replace_upstream_url() -> None:
+    extra = '[[upstreams]]\nname = "a"\nurl = "${upstream}"\n'
+    extra += '[[upstreams]]\nname = "b"\nurl = "${upstream}"\n'
+    doc = tomllib.loads(config_text(BASE, extra, upstream="http://u:9"))
+    expected = {k: v for k, v in BASE.items() if k != "upstream_url"}
+    upstreams = [{"name": "a", "url": "http://u:9"}, {"name": "b", "url": "http://u:9"}]
+    assert doc == {**expected, "upstreams": upstreams}
+
+
+def test_config_text_keeps_upstream_url_without_upstreams() -> None:
+    doc = tomllib.loads(config_text(BASE, '[[routes]]\nmodels = ["m*"]\nupstreams = ["a"]\n'))
+    assert doc["upstream_url"] == BASE["upstream_url"]
+
+
+@pytest.mark.parametrize(("name", "extra"), FEATURES, ids=[name for name, _ in FEATURES])
+def test_every_feature_row_is_a_config_the_proxy_accepts(name: str, extra: str) -> None:
+    text = config_text(
+        base_config("http://127.0.0.1:1", 2, 1),
+        extra,
+        work="/w",
+        upstream="http://127.0.0.1:1",
+        redis="redis://127.0.0.1:3/0",
+        otlp="http://127.0.0.1:4",
+    )
+    config = parse(tomllib.loads(text))
+    assert {t.url for t in config.targets()} == {"http://127.0.0.1:1"}
+
+
+def test_the_routed_row_has_the_upstreams_and_route_timed_in_process() -> None:
+    (extra,) = [toml for name, toml in FEATURES if "routes by model" in name]
+    config = parse(
+        tomllib.loads(config_text(base_config("http://x", 2, 1), extra, upstream="http://x"))
+    )
+    assert [(u.name, u.priority, u.weight) for u in config.upstreams] == list(
+        routing_cost.UPSTREAMS
+    )
+    assert [(r.models, r.upstreams) for r in config.routes] == [
+        (routing_cost.ROUTE_MODELS, routing_cost.ROUTE_UPSTREAMS)
+    ]
+    # the bench's small body is routed by that route
+    assert routing_cost.router().serving(routing.leading_model(SMALL_BODY)) == (0, 2)
+
+
+def test_the_claude_code_body_names_its_model_first() -> None:
+    body = routing_cost.claude_code_body()
+    doc = json.loads(body)
+    assert list(doc) == [
+        "model",
+        "messages",
+        "system",
+        "tools",
+        "metadata",
+        "max_tokens",
+        "thinking",
+        "stream",
+    ]
+    assert 95_000 <= len(body) <= 105_000
+    assert 65_000 <= len(json.dumps(doc["messages"])) <= 75_000
+    assert 22_000 <= len(json.dumps(doc["tools"])) <= 28_000
+    assert "model" in doc["tools"][0]["input_schema"]["properties"]
+    chunks = routing_cost.chunks_of(body)
+    assert chunks == [body[:65536], body[65536:]]
+    assert routing.leading_model(chunks[0]) == routing_cost.MODEL
+
+
+def test_the_sdk_body_leaves_the_model_to_the_full_decoder() -> None:
+    body = routing_cost.sdk_body()
+    doc = json.loads(body)
+    assert (
+        list(doc) == sorted(doc) == ["max_tokens", "messages", "model", "stream", "system", "tools"]
+    )
+    assert body.index(b'"model"') > 65536  # not in the first read
+    assert routing.leading_model(body) is None
+    assert routing.model_of(body) == routing_cost.MODEL  # the top level, not the tool's input
+
+
+def test_measure_routing_reports_every_case() -> None:
+    rows = routing_cost.measure_routing(SMALL_BODY, n=2, repeat=1)
+    assert rows["claude_code_100kb"]["read_by"] == "leading_model"
+    assert rows["sdk_100kb"]["read_by"] == "model_of"
+    assert rows["leading_1kb"] | {"us": 0} == {
+        "label": "1 KB body, model first",
+        "us": 0,
+        "bytes": len(SMALL_BODY),
+        "chunks": [len(SMALL_BODY)],
+        "model": "m",
+        "read_by": "leading_model",
+        "serving": ["ptu-east", "paygo"],
+    }
+    # a model no route names is served by every upstream
+    assert rows["claude_code_100kb"]["serving"] == ["ptu-east", "ptu-west", "paygo"]
+    assert all(rows[k]["us"] > 0 for k in ("claude_code_100kb", "sdk_100kb", "leading_1kb"))
+    assert rows["within_budget"] is (rows["claude_code_100kb"]["us"] <= rows["budget_us"])
 
 
 @pytest.mark.parametrize(("rounds", "order"), [(1, "ABA"), (2, "ABABA"), (3, "ABABABA")])
