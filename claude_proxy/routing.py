@@ -244,7 +244,16 @@ class _Route:
 class Router:
     """Upstreams in the order one request tries them."""
 
-    __slots__ = ("_all", "_priority", "_routes", "_weight", "names", "needs_model", "single")
+    __slots__ = (
+        "_all",
+        "_groups",
+        "_priority",
+        "_routes",
+        "_weight",
+        "names",
+        "needs_model",
+        "single",
+    )
 
     def __init__(self, upstreams: Sequence[UpstreamConfig], routes: Sequence[RouteConfig]):
         self.names = tuple(u.name for u in upstreams)
@@ -257,6 +266,14 @@ class Router:
         )
         self.needs_model = bool(self._routes)  # without routes every upstream serves all
         self.single = len(upstreams) == 1 and not self._routes
+        # each serving set split by priority once, so a plan draws only where weights decide
+        self._groups = {
+            s: self._by_priority(s) for s in (self._all, *(r.upstreams for r in self._routes))
+        }
+
+    def _by_priority(self, indices: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        levels = sorted({self._priority[i] for i in indices})
+        return tuple(tuple(i for i in indices if self._priority[i] == p) for p in levels)
 
     def serving(self, model: str | None) -> tuple[int, ...]:
         """The upstreams that serve ``model``: the first route that matches, else all."""
@@ -278,7 +295,11 @@ class Router:
         return [i for _, _, i in keyed]
 
     def plan(self, model: str | None, random: Callable[[], float]) -> list[int]:
-        return self.order(self.serving(model), random)
+        """:meth:`order` of :meth:`serving`, with the priority levels split in advance."""
+        out: list[int] = []
+        for group in self._groups[self.serving(model)]:
+            out.extend(self.order(group, random) if len(group) > 1 else group)
+        return out
 
 
 def soonest(healths: Iterable[Health], now: float) -> float:

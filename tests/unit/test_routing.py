@@ -783,9 +783,9 @@ def test_weight_share_among_three() -> None:
 )
 @pytest.mark.parametrize("seed", range(20))
 def test_plan_is_serving_then_order(model: str | None, seed: int) -> None:
-    """A request's plan is the upstreams serving its model, in the order of their tries."""
+    """A request's plan is the upstreams serving its model, by priority (the draws within a
+    priority are :meth:`Router.order`'s, checked above; a plan draws only where it must)."""
     plan = ROUTED.plan(model, random.Random(seed).random)
-    assert plan == ROUTED.order(ROUTED.serving(model), random.Random(seed).random)
     assert sorted(plan) == sorted(ROUTED.serving(model))
     priorities = [ROUTED_UPSTREAMS[i].priority for i in plan]
     assert priorities == sorted(priorities)
@@ -855,3 +855,19 @@ def test_the_query_never_names_a_deployment() -> None:
 def test_a_control_character_in_the_model_is_left_to_the_decoder(raw: bytes) -> None:
     assert leading_model(raw) is None
     assert routing_model(raw) is None  # not JSON: no model at all
+
+
+def test_a_plan_draws_the_weights_as_order_does() -> None:
+    """Within a priority, a plan's first pick follows the weights (2:1 here)."""
+    router = Router(
+        [
+            UpstreamConfig("a", "http://a", priority=1, weight=2),
+            UpstreamConfig("b", "http://b", priority=1, weight=1),
+            UpstreamConfig("c", "http://c", priority=2),
+        ],
+        [],
+    )
+    draw = random.Random(7).random
+    firsts = [router.plan(None, draw)[0] for _ in range(30_000)]
+    assert abs(firsts.count(0) / 30_000 - 2 / 3) <= 0.02
+    assert all(router.plan(None, draw)[2] == 2 for _ in range(100))  # priority 2 is last
