@@ -302,6 +302,7 @@ class Exchange:
 
     __slots__ = (
         "attempts",
+        "awaiting",
         "body_done",
         "body_read",
         "bytes_in",
@@ -368,6 +369,7 @@ class Exchange:
         self.request_model: str | None = None
         self.body_read: list[bytes] | None = None  # the raw body, kept only to read its model
         self.body_done: asyncio.Future[None] | None = None
+        self.awaiting: Stage | None = None  # a start-up stage that goes on when the body ends
         self.credential: hdr.UpstreamCredential | None = None
         self.upstream: UpstreamSide | None = None
         self.target: Target = shared.targets[0]  # the upstream being tried
@@ -489,11 +491,23 @@ class Exchange:
                 self._spawn(self._start_slow(ADMIT, creds))
                 return
             if not shared.router.single and not self._route_now():
-                self._spawn(self._start_slow(ROUTE, creds))
+                self.awaiting = ROUTE  # the body's last byte goes on (on_request_complete)
                 return
-            if identity is not PASSTHROUGH_IDENTITY:
+        except ProxyError as exc:
+            self._refuse(exc)
+            return
+        self._start_from(CREDENTIAL, creds)
+
+    def _start_from(self, stage: Stage, creds: Presented | None = None) -> None:
+        """The stages from ``stage`` on, decided now where they can be (routing, once the
+        body it needed is complete; the credential), else in a task."""
+        try:
+            if stage <= ROUTE:
+                self._route()
+            if self.identity is not PASSTHROUGH_IDENTITY:
                 credential = self.target.auth.credential_now()
                 if credential is None:  # cold start: a token is on its way
+                    creds = creds or presented(self.head.headers, self.head.scan.lnames)
                     self._spawn(self._start_slow(CREDENTIAL, creds))
                     return
                 self.credential = credential
@@ -779,17 +793,17 @@ class Exchange:
         size = len(self.upstream_head) + self.pending_bytes
         self.pending = []
         self.pending_bytes = 0
+        resend = self.resend = conn.reused and self.attempts == 1 and self._may_resend()
         if self.plan and self.tries < self.shared.config.failover.max_attempts:
             # another upstream may be asked: keep what is sent, up to failover.replay_limit
             self.replay_cap = self.shared.config.failover.replay_limit
             if size - len(out[0]) <= self.replay_cap:
                 self.replay = out
                 self.replay_bytes = size - len(out[0])
-        elif conn.reused and self.attempts == 1 and self._may_resend():
+        elif resend:
             self.replay = out  # kept (not copied) until the response starts
             self.replay_bytes = size - len(out[0])
             self.replay_cap = REPLAY_LIMIT
-        self.resend = conn.reused and self.attempts == 1 and self._may_resend()
         # Lift the buffer's pause before writing: if this write fills the upstream's buffer,
         # its pause_writing must be the last word on whether the client is read.
         gate = self.client.gate
@@ -849,6 +863,9 @@ class Exchange:
             self._to(req=BUFFERED)
             if self.body_done is not None and not self.body_done.done():
                 self.body_done.set_result(None)  # the model can be read: admission goes on
+            elif self.awaiting is ROUTE and self.resp is WAITING:
+                self.awaiting = None
+                self._start_from(ROUTE)  # the model can be read: routing goes on, no task
         elif req is DISCARDING:
             self._to(req=DISCARDED)
 

@@ -731,3 +731,28 @@ def test_a_client_gone_while_a_refusal_is_read_ends_everything(
 def lt_wait(lt: LoopThread, predicate: Callable[[], bool]) -> None:
     """Wait for a condition on the proxy's own state, read on its loop."""
     wait_until(lambda: lt.call(predicate))
+
+
+def test_a_routed_body_that_waits_for_100_continue_is_asked_for(
+    make: Callable[..., RawUpstream], proxies: Callable[[Config], ProxyHandle]
+) -> None:
+    """Routing needs the body before any upstream is asked: the proxy says 100 itself."""
+    opus = make(answered_by("opus"))
+    other = make(answered_by("other"))
+    routes = (RouteConfig(models=("claude-opus-*",), upstreams=("opus",)),)
+    proxy = proxies(multi_config([("opus", opus.url), ("other", other.url)], routes=routes))
+    body = b'{"model":"claude-opus-4-8","messages":[]}'
+    head = request_bytes(
+        "POST",
+        MESSAGES,
+        [KEY, ("content-type", "application/json"), ("expect", "100-continue")],
+        body,
+    )[: -len(body)]
+    with raw_connect(proxy.port) as sock:
+        sock.sendall(head)
+        sock.settimeout(5)
+        assert sock.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body[:10])
+        sock.sendall(body[10:])  # the model's route is known only now
+        resp = read_response(sock)
+    assert resp.json() == {"from": "opus"} and opus.requests[0].body == body
