@@ -52,6 +52,7 @@ from .client_auth import PASSTHROUGH, REJECTED, Presented, presented
 from .errors import (
     BadRequest,
     ClientIdle,
+    CredentialUnavailable,
     Family,
     InternalError,
     PayloadTooLarge,
@@ -528,7 +529,14 @@ class Exchange:
                     await self._whole_body()
                 self._route()
             if stage <= CREDENTIAL and self.identity is not PASSTHROUGH_IDENTITY:
-                self.credential = await self.target.auth.credential_wait()
+                try:
+                    self.credential = await self.target.auth.credential_wait()
+                except CredentialUnavailable as exc:
+                    if not self.plan:
+                        raise
+                    self.task = None
+                    self._fail_over("credential", exc)  # another upstream, another credential
+                    return
         except ProxyError as exc:
             self.task = None
             self._refuse(exc)
@@ -973,6 +981,8 @@ class Exchange:
             logger.info("failover: %s -> %s (%s)", came_from, self.target.name, reason)
             if self.shared.metrics is not None:
                 self.shared.metrics.failover(came_from, self.target.name, reason)
+                if error is not None and error.kind is not None:
+                    self.shared.metrics.upstream_error(error.kind)  # each failure counts once
             self._rewind()
             self.credential = None
             self.resend = False

@@ -756,3 +756,32 @@ def test_a_routed_body_that_waits_for_100_continue_is_asked_for(
         sock.sendall(body[10:])  # the model's route is known only now
         resp = read_response(sock)
     assert resp.json() == {"from": "opus"} and opus.requests[0].body == body
+
+
+def test_an_upstream_whose_credential_fails_moves_the_request_on(
+    make: Callable[..., RawUpstream],
+    proxies: Callable[[Config], ProxyHandle],
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    """An Entra token for one upstream cannot be had (its token endpoint is down): the
+    request goes to the next upstream, which has a key of its own."""
+    entra = make(answered_by("entra"))
+    keyed = make(answered_by("keyed"))
+    config = multi_config([("entra", entra.url, 1), ("keyed", keyed.url, 2)])
+    down = UpstreamAuthConfig(
+        type="azure_ad",
+        tenant_id="00000000-0000-0000-0000-000000000001",
+        client_id="00000000-0000-0000-0000-000000000002",
+        client_secret="not-a-real-secret-0123456789",
+        authority_host=f"https://127.0.0.1:{closed_port()}",
+        token_timeout=5.0,
+    )
+    SECRETS.add("not-a-real-secret-0123456789")
+    first = dataclasses.replace(config.upstreams[0], auth=down)
+    proxy = proxies(dataclasses.replace(config, upstreams=(first, config.upstreams[1])))
+    resp = post(proxy.port)
+    assert resp.json() == {"from": "keyed"}
+    assert entra.requests == []
+    assert any(
+        "failover: entra -> keyed (credential)" in r.getMessage() for r in access_log.records
+    )
