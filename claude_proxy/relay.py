@@ -506,7 +506,13 @@ class Exchange:
             if stage <= ROUTE:
                 self._route()
             if self.identity is not PASSTHROUGH_IDENTITY:
-                credential = self.target.auth.credential_now()
+                try:
+                    credential = self.target.auth.credential_now()
+                except CredentialUnavailable as exc:
+                    if not self.plan:
+                        raise
+                    self._fail_over("credential", exc)  # another upstream, another credential
+                    return
                 if credential is None:  # cold start: a token is on its way
                     creds = creds or presented(self.head.headers, self.head.scan.lnames)
                     self._spawn(self._start_slow(CREDENTIAL, creds))
@@ -1003,14 +1009,14 @@ class Exchange:
         connection, as for the first."""
         target = self.target
         if self.identity is not PASSTHROUGH_IDENTITY:
-            credential = target.auth.credential_now()
-            if credential is None:
-                try:
+            try:
+                credential = target.auth.credential_now()
+                if credential is None:
                     credential = await target.auth.credential_wait()
-                except ProxyError as exc:
-                    self.task = None
-                    self._fail_over("credential", exc)
-                    return
+            except ProxyError as exc:
+                self.task = None
+                self._fail_over("credential", exc)
+                return
             self.credential = credential
         self._build_upstream_head()
         await self._open_slow()

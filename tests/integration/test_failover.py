@@ -758,10 +758,12 @@ def test_a_routed_body_that_waits_for_100_continue_is_asked_for(
     assert resp.json() == {"from": "opus"} and opus.requests[0].body == body
 
 
+@pytest.mark.parametrize("known_failed", [False, True], ids=["while-acquiring", "known-failed"])
 def test_an_upstream_whose_credential_fails_moves_the_request_on(
     make: Callable[..., RawUpstream],
     proxies: Callable[[Config], ProxyHandle],
     access_log: pytest.LogCaptureFixture,
+    known_failed: bool,
 ) -> None:
     """An Entra token for one upstream cannot be had (its token endpoint is down): the
     request goes to the next upstream, which has a key of its own."""
@@ -779,6 +781,12 @@ def test_an_upstream_whose_credential_fails_moves_the_request_on(
     SECRETS.add("not-a-real-secret-0123456789")
     first = dataclasses.replace(config.upstreams[0], auth=down)
     proxy = proxies(dataclasses.replace(config, upstreams=(first, config.upstreams[1])))
+    if known_failed:  # the failure is on record before the request: credential_now says so
+        from claude_proxy.credentials import TokenAuth
+
+        auth = proxy.server.auths[down]
+        assert isinstance(auth, TokenAuth)
+        wait_until(lambda: proxy.lt.call(lambda: not auth.acquiring and not auth.ready()))
     resp = post(proxy.port)
     assert resp.json() == {"from": "keyed"}
     assert entra.requests == []
