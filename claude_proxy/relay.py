@@ -173,12 +173,13 @@ class RequestHead:
 
 
 class Kept:
-    """A refused answer, read and held while other upstreams are asked."""
+    """A refused answer, read and held while other upstreams are asked. One cut short is
+    dropped (``Exchange.kept = None``): once the next upstream is asked, the refusal kept
+    was read to its end."""
 
     __slots__ = (
         "body",
         "body_bytes",
-        "complete",
         "headers",
         "reason",
         "reusable",
@@ -210,7 +211,6 @@ class Kept:
         self.body: list[bytes] = []
         self.body_bytes = 0
         self.trailers: list[tuple[bytes, bytes]] = []
-        self.complete = False
 
     def add(self, data: bytes) -> None:
         self.body_bytes += len(data)
@@ -677,7 +677,9 @@ class Exchange:
         """The candidates for this request's model, in order; the first usable is taken.
         Raises :class:`UpstreamsResting` when every one is cooling down."""
         shared = self.shared
-        model = deployment_of(self.head.target) or self._request_model()
+        model = None  # without routes every upstream serves every model: no need to know it
+        if shared.router.needs_model:
+            model = deployment_of(self.head.target) or self._request_model()
         targets = shared.targets
         candidates = [targets[i] for i in shared.router.plan(model, random.random)]
         self.plan = list(candidates)
@@ -973,7 +975,6 @@ class Exchange:
         kept = self.kept
         assert kept is not None
         kept.trailers = trailers
-        kept.complete = True
         self._detach_upstream(reusable=kept.reusable)
         self._fail_over(str(kept.status), None)
 
@@ -997,7 +998,7 @@ class Exchange:
             self._spawn(self._reconnect())
             return
         kept, self.kept = self.kept, None
-        if kept is not None and kept.complete and kept.body_bytes <= KEEP_LIMIT:
+        if kept is not None and kept.body_bytes <= KEEP_LIMIT:  # read whole (see Kept)
             self._relay_kept(kept)
         elif error is not None:
             self.respond_error(error, outcome)
