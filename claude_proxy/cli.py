@@ -37,6 +37,7 @@ from .config import (
     Loaded,
     LoggingConfig,
     UpstreamAuthConfig,
+    UpstreamConfig,
     keys_file_path,
     literal_secrets,
     load_config,
@@ -764,7 +765,7 @@ async def check(
     config = loaded.config
     report = CheckReport(as_json)
     report.line("config file", str(loaded.path or "(none: environment and flags)"))
-    targets = [_Checked(config, i) for i in range(len(config.targets()))]
+    targets = [_Checked(config, i, up) for i, up in enumerate(config.targets())]
     for t in targets:
         report.line("upstream" + t.tag, t.up.url)
         report.line("auth type" + t.tag, t.auth.type)
@@ -794,9 +795,9 @@ class _Checked:
     """One upstream as ``check`` reports it: its lines are tagged with its name when there
     are several, and its problems name its own keys."""
 
-    def __init__(self, config: Config, index: int) -> None:
-        self.up = config.targets()[index]
-        assert self.up.auth is not None
+    def __init__(self, config: Config, index: int, up: UpstreamConfig) -> None:
+        self.up = up
+        assert up.auth is not None
         self.auth = self.up.auth
         several = bool(config.upstreams)
         self.tag = f" ({self.up.name})" if several else ""
