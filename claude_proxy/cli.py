@@ -798,7 +798,7 @@ class _Checked:
     def __init__(self, config: Config, index: int, up: UpstreamConfig) -> None:
         self.up = up
         assert up.auth is not None
-        self.auth = self.up.auth
+        self.auth = up.auth
         several = bool(config.upstreams)
         self.tag = f" ({self.up.name})" if several else ""
         self.url_key = f"upstreams[{index}].url" if several else "upstream_url"
