@@ -48,6 +48,7 @@ from ..helpers import (
     start_proxy,
     wait_until,
 )
+from ..records import exchange_record
 
 KEY = ("x-api-key", CLIENT_KEY)
 MESSAGES = "/anthropic/v1/messages"
@@ -618,24 +619,7 @@ def _admin_port0() -> Any:
 def test_the_json_access_line_names_the_upstream_and_attempts() -> None:
     from claude_proxy.logs import access_json
 
-    rec = ExchangeRecord(
-        request_id="r",
-        start_time=0.0,
-        client_key="k",
-        client_addr="a",
-        method="POST",
-        path="/p",
-        api="anthropic",
-        status=200,
-        outcome="complete",
-        origin="upstream",
-        bytes_in=0,
-        bytes_out=0,
-        ttfb=None,
-        duration=0.0,
-        upstream="fine",
-        attempts=2,
-    )
+    rec = exchange_record(upstream="fine", attempts=2)
     doc = json.loads(access_json(rec))
     assert doc["upstream"] == "fine" and doc["attempts"] == 2
     assert "upstream" not in json.loads(access_json(dataclasses.replace(rec, upstream=None)))

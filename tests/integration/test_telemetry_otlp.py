@@ -30,6 +30,7 @@ from claude_proxy.config import TelemetryConfig
 from claude_proxy.record import ExchangeRecord
 from claude_proxy.telemetry import DURATION_BUCKETS, TOKEN_BUCKETS, Telemetry
 from tests.helpers import secret
+from tests.records import exchange_record
 
 UPSTREAM = "https://res.services.ai.azure.com"
 CLIENT_TRACE = "0af7651916cd43dd8448eb211c80319c"
@@ -149,27 +150,22 @@ def make(url: str, **changes: Any) -> Telemetry:
 
 
 def record(**changes: Any) -> ExchangeRecord:
-    rec = ExchangeRecord(
-        request_id="ab12-1",
-        start_time=time.time(),
-        client_key="alice",
-        client_addr="127.0.0.1",
-        method="POST",
-        path="/anthropic/v1/messages",
-        api="anthropic",
-        status=200,
-        outcome="complete",
-        origin="upstream",
-        bytes_in=1200,
-        bytes_out=800,
-        ttfb=0.4,
-        duration=0.9,
-        request_model="claude-sonnet-4-5",
-        model="claude-sonnet-4-5-20250929",
-        input_tokens=31877,
-        output_tokens=402,
+    return exchange_record(
+        **{
+            "request_id": "ab12-1",
+            "start_time": time.time(),
+            "client_addr": "127.0.0.1",
+            "bytes_in": 1200,
+            "bytes_out": 800,
+            "ttfb": 0.4,
+            "duration": 0.9,
+            "request_model": "claude-sonnet-4-5",
+            "model": "claude-sonnet-4-5-20250929",
+            "input_tokens": 31877,
+            "output_tokens": 402,
+        }
+        | changes
     )
-    return dataclasses.replace(rec, **changes)
 
 
 def streamed(**changes: Any) -> ExchangeRecord:

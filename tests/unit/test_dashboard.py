@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from claude_proxy.metrics import Metrics
-from claude_proxy.record import ExchangeRecord
+
+from ..records import exchange_record
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "claude-proxy.json"
 
@@ -21,17 +22,7 @@ def exported() -> dict[str, set[str]]:
     metrics = Metrics()
     metrics.bind_state(lambda: 1.0, lambda: 1.0, lambda: 3600.0, lambda: 1.0)
     metrics.observe_record(
-        ExchangeRecord(
-            request_id="r1",
-            start_time=0.0,
-            client_key="alice",
-            client_addr="127.0.0.1:1",
-            method="POST",
-            path="/anthropic/v1/messages",
-            api="anthropic",
-            status=200,
-            outcome="complete",
-            origin="upstream",
+        exchange_record(
             bytes_in=10,
             bytes_out=20,
             ttfb=0.01,

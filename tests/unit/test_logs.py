@@ -33,6 +33,8 @@ from claude_proxy.logs import (
 )
 from claude_proxy.record import ExchangeRecord
 
+from ..records import exchange_record
+
 # Never logged under claude_proxy, so the session's leak scan does not see these on purpose.
 SECRET = "sk-redaction-test-0123456789abcdef"
 CAUSE = "cause-secret-fedcba9876543210"
@@ -195,20 +197,16 @@ def full_record(**changes: Any) -> ExchangeRecord:
 
 def bare_record() -> ExchangeRecord:
     """A request the proxy answered itself, before anything was known about it."""
-    return ExchangeRecord(
+    return exchange_record(
         request_id="3f9a1c-2b",
         start_time=STARTED,
         client_key="rejected",
         client_addr="",
         method="GET",
         path="/x",
-        api="anthropic",
         status=0,
         outcome="rejected",
         origin="proxy",
-        bytes_in=0,
-        bytes_out=0,
-        ttfb=None,
         duration=0.0004,
     )
 

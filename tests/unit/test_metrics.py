@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import platform
 from typing import Any
 
@@ -20,27 +19,12 @@ from claude_proxy.metrics import (
 )
 from claude_proxy.record import OUTCOMES, ExchangeRecord
 
+from ..records import exchange_record
+
 
 def record(**changes: Any) -> ExchangeRecord:
-    base = ExchangeRecord(
-        request_id="r1",
-        start_time=0.0,
-        client_key="alice",
-        client_addr="127.0.0.1:1",
-        method="POST",
-        path="/anthropic/v1/messages",
-        api="anthropic",
-        status=200,
-        outcome="complete",
-        origin="upstream",
-        bytes_in=10,
-        bytes_out=20,
-        ttfb=0.01,
-        duration=0.02,
-        request_model="claude-a",
-        model="claude-a",
-    )
-    return dataclasses.replace(base, **changes)
+    mine = {"bytes_in": 10, "bytes_out": 20, "ttfb": 0.01, "duration": 0.02}
+    return exchange_record(**(mine | {"request_model": "claude-a", "model": "claude-a"} | changes))
 
 
 def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str], ...], float]:

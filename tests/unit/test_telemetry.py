@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import re
 from typing import Any
@@ -20,6 +19,8 @@ from claude_proxy.errors import ConfigError
 from claude_proxy.otlp import ExportHealth, short_reason
 from claude_proxy.record import ExchangeRecord
 
+from ..records import exchange_record
+
 SERVER = ("res.services.ai.azure.com", 443)
 BASE: dict[str, Any] = {
     "upstream_url": "https://res.services.ai.azure.com",
@@ -28,23 +29,9 @@ BASE: dict[str, Any] = {
 
 
 def record(**changes: Any) -> ExchangeRecord:
-    rec = ExchangeRecord(
-        request_id="ab12-1",
-        start_time=1_700_000_000.0,
-        client_key="alice",
-        client_addr="127.0.0.1",
-        method="POST",
-        path="/anthropic/v1/messages",
-        api="anthropic",
-        status=200,
-        outcome="complete",
-        origin="upstream",
-        bytes_in=100,
-        bytes_out=200,
-        ttfb=0.25,
-        duration=1.5,
-    )
-    return dataclasses.replace(rec, **changes)
+    mine = {"request_id": "ab12-1", "start_time": 1_700_000_000.0, "client_addr": "127.0.0.1"}
+    timing = {"bytes_in": 100, "bytes_out": 200, "ttfb": 0.25, "duration": 1.5}
+    return exchange_record(**(mine | timing | changes))
 
 
 @pytest.mark.parametrize(

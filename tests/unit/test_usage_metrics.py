@@ -10,6 +10,8 @@ from claude_proxy.metrics import Metrics, exposition
 from claude_proxy.record import ExchangeRecord
 from claude_proxy.usage import JSON, NOT_READ, STREAM, StreamReader, counts, kind_of, read_json
 
+from ..records import exchange_record
+
 
 def sse(event: str, doc: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(doc)}\n\n".encode()
@@ -280,19 +282,11 @@ def samples(registry: CollectorRegistry, name: str) -> dict[tuple[tuple[str, str
 
 def rec(client: str, model: str | None, tokens: list[int]) -> ExchangeRecord:
     n = [t if t >= 0 else None for t in tokens]
-    return ExchangeRecord(
+    return exchange_record(
         request_id="r",
-        start_time=0.0,
         client_key=client,
         client_addr="",
-        method="POST",
         path="/v1/messages",
-        api="anthropic",
-        status=200,
-        outcome="complete",
-        origin="upstream",
-        bytes_in=0,
-        bytes_out=0,
         ttfb=0.01,
         duration=0.02,
         model=model,
